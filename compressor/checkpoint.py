@@ -1,0 +1,69 @@
+"""Atomic checkpoints: a folder is written under a temporary name, then renamed.
+
+Each holds student.safetensors (the student's state dict), losses.safetensors (learned loss
+pieces such as projections) and state.pt (optimizer, schedule, RNG, step), read back with
+`torch.load(weights_only=True)` so loading one never runs code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+LATEST = "latest"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+
+
+def save_checkpoint(
+    folder: Path, step: int, student: nn.Module, losses: nn.Module, state: dict[str, Any], keep: int
+) -> Checkpoint:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step_{step:07d}"
+    tmp = folder / f".tmp-step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(student, str(tmp / "student.safetensors"))
+    save_model(losses, str(tmp / "losses.safetensors"))
+    torch.save({"step": step, **state}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_atomic(folder / LATEST, final.name)
+    for old in sorted(p for p in folder.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return Checkpoint(final, step)
+
+
+def latest_checkpoint(folder: Path) -> Checkpoint | None:
+    pointer = folder / LATEST
+    if not pointer.is_file():
+        return None
+    path = folder / pointer.read_text().strip()
+    if not (path / "state.pt").is_file():
+        return None
+    return Checkpoint(path, int(path.name.removeprefix("step_")))
+
+
+def load_checkpoint(
+    checkpoint: Checkpoint, student: nn.Module, losses: nn.Module
+) -> dict[str, Any]:
+    load_model(student, str(checkpoint.path / "student.safetensors"))
+    load_model(losses, str(checkpoint.path / "losses.safetensors"))
+    return dict(torch.load(checkpoint.path / "state.pt", weights_only=True))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,207 @@
+"""The `compress` command: a thin layer over recipe -> plan -> pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import CompressorError, RecipeError, RecipeErrors
+from compressor.graph_pass import OUTPUT, node_module_path, node_shape, original_output, tapped
+from compressor.plugin_manager import AUTOLOAD_ENV
+from compressor.recipe import Recipe, load_recipe
+from compressor.registry import Registry
+
+EXAMPLES = f"""\
+examples:
+  compress examples/digits/recipe.yaml                 train, export and report
+  compress examples/digits/recipe.yaml train.steps=50  override any recipe key
+  compress examples/digits/recipe.yaml --resume        continue a killed run
+  compress validate examples/digits/recipe.yaml        check a recipe without training
+  compress graph examples/digits/recipe.yaml -o g.txt  show both graphs after all passes
+  compress plugins                                     list plugins and what they provide
+  compress -p no:myplugin plugins                      disable one plugin
+
+set {AUTOLOAD_ENV}=1 to load only compressor's own plugins (plus any -p NAME).
+"""
+
+COMMANDS = ("run", "validate", "graph", "plugins")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-p",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="load plugin NAME (entry point or module); -p no:NAME disables one",
+    )
+    parser = argparse.ArgumentParser(
+        prog="compress",
+        description="Distil a teacher into a smaller, verified, exported student from one YAML recipe.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run", parents=[common], help="train, export and report (the default command)"
+    )
+    validate = sub.add_parser(
+        "validate", parents=[common], help="check a recipe fully without training"
+    )
+    graph = sub.add_parser("graph", parents=[common], help="print both graphs after all passes")
+    sub.add_parser(
+        "plugins", parents=[common], help="list plugins, their origin and what they provide"
+    )
+    for p in (run, validate, graph):
+        p.add_argument("recipe", type=Path, help="the recipe YAML file")
+        p.add_argument(
+            "overrides", nargs="*", metavar="key.path=value", help="override recipe keys"
+        )
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's last checkpoint"
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    graph.add_argument("-o", "--output", type=Path, help="also write the listing to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if (
+        argv
+        and not any(a in COMMANDS for a in argv)
+        and not any(a in ("-h", "--help") for a in argv)
+    ):
+        argv.insert(0, "run")
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 0
+    try:
+        disabled = [p.removeprefix("no:") for p in args.plugins if p.startswith("no:")]
+        enabled = [p for p in args.plugins if not p.startswith("no:")]
+        registry = Registry.load(disabled, enabled)
+        if args.command == "plugins":
+            print(describe_plugins(registry))
+            return 0
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "validate":
+            print(describe_plan(recipe, registry))
+            return 0
+        if args.command == "graph":
+            text = describe_graphs(recipe, registry)
+            print(text)
+            if args.output:
+                args.output.write_text(text + "\n")
+            return 0
+        from compressor.pipeline import run
+
+        summary = run(recipe, registry, args.resume, args.overwrite, not args.quiet, args.overrides)
+        print(summarize(summary.report, summary.run_dir))
+        return 0
+    except (RecipeError, RecipeErrors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CompressorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def describe_plugins(registry: Registry) -> str:
+    lines = []
+    for info in registry.plugins:
+        plugin = registry.pm.get_plugin(info.name)
+        hooks = sorted(h.name for h in registry.pm.get_hookcallers(plugin) or [])
+        lines.append(f"{info.name}  ({info.origin}; {info.module})")
+        for kind, names in sorted(registry.provided_by(info.name).items()):
+            lines.append(f"    {kind.replace('_', ' ')}: {', '.join(sorted(names))}")
+        lines.append(f"    hooks: {', '.join(hooks)}")
+    return "\n".join(lines)
+
+
+def describe_plan(recipe: Recipe, registry: Registry) -> str:
+    from compressor.plan import build_plan
+
+    plan = build_plan(recipe, registry)
+    lines = [
+        f"recipe {recipe.path}: valid",
+        f"  data: {len(plan.data.train)} train / {len(plan.data.eval)} eval samples",
+    ]
+    for role, module in (("teacher", plan.teacher), ("student", plan.student)):
+        if module is not None:
+            params = sum(p.numel() for p in module.parameters())
+            lines.append(f"  {role}: {type(module).__name__}, {params:,} parameters, captured")
+    graphs = {"student": plan.student_graph, "teacher": plan.teacher_graph}
+    for bound in plan.losses:
+        reads = []
+        for role, names in bound.term.reads().items():
+            gm = graphs[role]
+            assert gm is not None
+            for name in names:
+                node = original_output(gm) if name == OUTPUT else tapped(gm)[name]
+                reads.append(f"{role}.{name} -> node {node.name} {_shape_text(node_shape(node))}")
+        lines.append(f"  loss {bound.label} (weight {bound.weight}): " + "; ".join(reads))
+    lines.append(f"  exporters: {', '.join(s.name for s in recipe.export) or 'none'}")
+    return "\n".join(lines)
+
+
+def describe_graphs(recipe: Recipe, registry: Registry) -> str:
+    from compressor.plan import build_plan
+
+    plan = build_plan(recipe, registry)
+    out = []
+    for role, gm in (("teacher", plan.teacher_graph), ("student", plan.student_graph)):
+        if gm is None:
+            continue
+        taps = {node.name: name for name, node in tapped(gm).items()}
+        out.append(f"== {role} graph ({len(gm.graph.nodes)} nodes) ==")
+        out.append(f"{'node':<28} {'op':<14} {'target':<32} {'module':<20} shape")
+        for node in gm.graph.nodes:
+            target = str(node.target).removeprefix("aten.")
+            shape = _shape_text(node_shape(node))
+            mark = f"  <- tap {taps[node.name]!r}" if node.name in taps else ""
+            out.append(
+                f"{node.name:<28} {node.op:<14} {target[:32]:<32} {node_module_path(node)[:20]:<20} "
+                f"{shape}{mark}"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def _shape_text(shape: tuple[Any, ...] | None) -> str:
+    """Dynamic dimensions (the batch) print as N."""
+    if shape is None:
+        return ""
+    return "[" + ", ".join(str(d) if isinstance(d, int) else "N" for d in shape) + "]"
+
+
+def summarize(report: dict[str, Any], run_dir: Path) -> str:
+    models = report["models"]
+    lines = [f"run folder: {run_dir}"]
+    for role in ("teacher", "student", "baseline"):
+        if role in models:
+            q = models[role]["quality"]
+            lines.append(f"  {role:<9} " + ", ".join(f"{k} {v:.4f}" for k, v in q.items()))
+    if "distillation_gain" in report:
+        lines.append(
+            f"  distillation gain: {report['distillation_gain']['accuracy'] * 100:+.2f} accuracy points"
+        )
+    for e in report["exports"]:
+        lines.append(
+            f"  {e['exporter']}: {e['path']} max abs diff {e['max_abs_diff']:.3g} (tolerance {e['tolerance']:.3g})"
+        )
+    lines.append(f"  report: {run_dir / 'report.md'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The training loop: flat on purpose, so it reads top to bottom.
+
+Batches are a pure function of (seed, step), and checkpoints carry optimizer, schedule and
+RNG state, so a resumed run follows the same loss trajectory as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from compressor.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from compressor.errors import CompressorError, TrainingStopped
+from compressor.graph_pass import OUTPUT, split_outputs
+from compressor.loading import collate
+from compressor.losses import LossInputs
+from compressor.optim import OptimizerFactory, ScheduleFactory
+from compressor.plan import DistillPlan
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_eval: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at `step`: epoch-wise shuffles seeded by (seed, epoch), last partial
+    batch dropped."""
+    batch_size = min(batch_size, n)
+    per_epoch = n // batch_size
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+def evaluate(
+    model: nn.Module, dataset: Any, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """Accuracy and cross entropy of `model` (an eval-form graph, or a module switched to eval)."""
+    was_training = model.training
+    if not isinstance(model, fx.GraphModule):  # exported graphs have their mode baked in
+        model.eval()
+    correct, loss_sum, count = 0, 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            x, y = collate(dataset, range(start, min(start + batch_size, len(dataset))), device)
+            logits = model(x).float()
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+            count += len(y)
+    if not isinstance(model, fx.GraphModule):
+        model.train(was_training)
+    return {"accuracy": correct / count, "loss": loss_sum / count}
+
+
+def train(
+    plan: DistillPlan, run_dir: Path, resume: bool = False, progress: bool = True
+) -> TrainResult:
+    recipe, cfg, device = plan.recipe, plan.recipe.train, plan.device
+    pm = plan.registry.pm
+    losses = nn.ModuleList([bound.term for bound in plan.losses])
+    optimizer_factory: OptimizerFactory = plan.registry.create(
+        "optimizer", cfg.optimizer.name, cfg.optimizer.options
+    )
+    schedule_factory: ScheduleFactory = plan.registry.create(
+        "schedule", cfg.schedule.name, cfg.schedule.options
+    )
+    optimizer = optimizer_factory.build(plan.trainable_parameters())
+    scheduler = schedule_factory.build(optimizer, cfg.steps)
+    checkpoints = run_dir / "checkpoints"
+    metrics_path = run_dir / METRICS
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    n_train = len(plan.data.train)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start, last_good = 0, None
+    if resume:
+        last_good = latest_checkpoint(checkpoints)
+        if last_good is None:
+            raise CompressorError(f"--resume: no checkpoint in {checkpoints}; run without --resume")
+        state = load_checkpoint(last_good, plan.student, losses)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start = last_good.step
+        _truncate_metrics(metrics_path, start)
+    else:
+        torch.manual_seed(recipe.seed)
+        metrics_path.unlink(missing_ok=True)
+
+    def log(record: dict[str, Any]) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        pm.hook.compressor_metrics_logged(record=record, run_dir=run_dir)
+
+    def checkpoint(step: int) -> Checkpoint:
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        return save_checkpoint(checkpoints, step, plan.student, losses, state, cfg.keep_checkpoints)
+
+    bar = Progress(cfg.steps, start, enabled=progress)
+    began = time.perf_counter()
+    for step in range(start, cfg.steps):
+        x, y = collate(
+            plan.data.train,
+            batch_indices(step, n_train, recipe.data.batch_size, recipe.seed),
+            device,
+        )
+        with autocast:
+            s_out, s_taps = split_outputs(
+                plan.student_graph, plan.student_graph(x)
+            )  # logits [B, C]
+            student = {OUTPUT: s_out, **s_taps}
+            teacher: dict[str, torch.Tensor] = {}
+            if plan.teacher_graph is not None:
+                with torch.no_grad():
+                    t_out, t_taps = split_outputs(plan.teacher_graph, plan.teacher_graph(x))
+                teacher = {OUTPUT: t_out, **t_taps}
+            inputs = LossInputs(student, teacher, y)
+            terms = {b.label: b.weight * b.term(inputs) for b in plan.losses}
+            loss = torch.stack([t.float() for t in terms.values()]).sum()
+        values = {name: float(t.detach()) for name, t in terms.items()}
+        total = float(loss.detach())
+        if not math.isfinite(total):
+            log({"step": step + 1, "event": "non_finite_loss", "loss": total, **values})
+            bar.close()
+            kept = (
+                f"the last good checkpoint is {last_good.path}"
+                if last_good
+                else "no checkpoint was written yet"
+            )
+            raise TrainingStopped(
+                f"loss became {total} at step {step + 1} (terms: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                + f"); training stopped and {kept}.\n  try a lower learning rate or train.grad_clip, "
+                "then continue with --resume"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(plan.trainable_parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+
+        done = step + 1
+        bar.update(done, recipe.data.batch_size, {"loss": total, **values})
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            log({"step": done, "loss": total, **values, "lr": scheduler.get_last_lr()[0]})
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            scores = evaluate(
+                plan.student_eval_graph, plan.data.eval, recipe.data.eval_batch_size, device
+            )
+            log({"step": done, **{f"eval/{k}": v for k, v in scores.items()}})
+            bar.note(
+                f"eval at step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            )
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            last_good = checkpoint(done)
+    bar.close()
+    final = evaluate(plan.student_eval_graph, plan.data.eval, recipe.data.eval_batch_size, device)
+    return TrainResult(
+        run_dir, cfg.steps, final, read_metrics(metrics_path), time.perf_counter() - began
+    )
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """A killed run may have logged past its last checkpoint; resume rewrites those steps."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class Progress:
+    """One status line: step, loss terms, samples/s, ETA. Redrawn on a terminal, printed every
+    few percent otherwise (logs and CI)."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.tty = sys.stderr.isatty()
+        self.began = time.perf_counter()
+        self.samples = 0
+        self.last_print = -1
+
+    def update(self, step: int, batch: int, values: dict[str, float]) -> None:
+        self.samples += batch
+        if not self.enabled:
+            return
+        elapsed = max(time.perf_counter() - self.began, 1e-9)
+        rate = (step - self.start) / elapsed
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        terms = " ".join(f"{k}={v:.4f}" for k, v in values.items())
+        line = f"step {step}/{self.total} {terms} | {self.samples / elapsed:.0f} samples/s | ETA {eta:.0f}s"
+        if self.tty:
+            sys.stderr.write("\r" + line[:200] + "\033[K")
+            sys.stderr.flush()
+        elif step * 10 // self.total != self.last_print or step == self.total:
+            self.last_print = step * 10 // self.total
+            print(line, file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            prefix = "\r\033[K" if self.tty else ""
+            print(prefix + text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")

@@ -1,0 +1,224 @@
+"""Graph passes: `GraphModule -> PassResult`, ordered by declared constraints.
+
+Conventions every pass shares:
+- A node's module path (`features.2`, `encoder.layer.3`) comes from `nn_module_stack` metadata
+  (torch.export) or the call_module target (symbolic_trace).
+- A tapped graph returns `(original_output, {tap_name: tensor})`; its output node carries
+  `TAPS_META`, so the tap structure travels with the graph itself.
+- Nodes added only for distillation carry `SCAFFOLD_META`; `strip` removes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+
+from compressor.components import Component
+from compressor.errors import PassError
+
+TAPS_META = "compressor_taps"
+SCAFFOLD_META = "compressor_scaffold"
+OUTPUT = "output"  # the name a loss uses for a model's own output
+
+
+@dataclass
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+
+
+@dataclass
+class PassContext:
+    """What the plan asks of one graph: its role, the taps losses read, whether its output is read."""
+
+    role: str
+    taps: list[str] = field(default_factory=list)
+    output_needed: bool = True
+
+
+class GraphPass(Component):
+    """A rewrite of a captured graph. Subclasses set `name` and implement `__call__`."""
+
+    kind: ClassVar[str] = "graph_pass"
+    runs_after: ClassVar[tuple[str, ...]] = ()
+    runs_before: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(self, gm: fx.GraphModule, context: PassContext) -> PassResult:
+        raise NotImplementedError
+
+
+class TapNotFound(LookupError):
+    def __init__(self, path: str, available: list[str]):
+        self.path = path
+        self.available = available
+        super().__init__(f"no node comes from module {path!r}")
+
+
+# -- node helpers -------------------------------------------------------------------------------
+def node_module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return str(path)
+    if node.op == "call_module":
+        return str(node.target)
+    return ""
+
+
+def node_shape(node: fx.Node) -> tuple[Any, ...] | None:
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(meta.shape)
+    return None
+
+
+def module_paths(gm: fx.GraphModule) -> list[str]:
+    """Module paths that own at least one computing node, in graph order."""
+    seen: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_module", "call_method"):
+            path = node_module_path(node)
+            if path:
+                seen.setdefault(path, None)
+    return list(seen)
+
+
+def resolve_tap(gm: fx.GraphModule, path: str) -> fx.Node:
+    """The last tensor-valued node computed inside module `path` (its output)."""
+    found = None
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_module", "call_method"):
+            continue
+        owner = node_module_path(node)
+        if owner == path or owner.startswith(path + "."):
+            value = node.meta.get("val")
+            if value is None or isinstance(value, torch.Tensor):
+                found = node
+    if found is None:
+        raise TapNotFound(path, module_paths(gm))
+    return found
+
+
+def output_node(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+
+
+def tapped(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The tap nodes of a tapped graph (empty when the graph has none)."""
+    out = output_node(gm)
+    if TAPS_META not in out.meta:
+        return {}
+    result: Any = out.args[0]
+    return dict(result[1])
+
+
+def original_output(gm: fx.GraphModule) -> Any:
+    out = output_node(gm)
+    result: Any = out.args[0]
+    return result[0] if TAPS_META in out.meta else result
+
+
+def set_outputs(gm: fx.GraphModule, original: Any, taps: dict[str, fx.Node]) -> None:
+    """Rewrite the output node; no taps means the graph returns its original output again."""
+    out = output_node(gm)
+    if taps:
+        out.args = ((original, dict(taps)),)
+        out.meta[TAPS_META] = list(taps)
+    else:
+        out.args = (original,)
+        out.meta.pop(TAPS_META, None)
+
+
+def split_outputs(gm: fx.GraphModule, result: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    if TAPS_META in output_node(gm).meta:
+        return result[0], result[1]
+    return result, {}
+
+
+def _is_impure(node: fx.Node) -> bool:
+    # Unlike fx's default, dropout and other seeded ops are pure here: a truncated teacher
+    # must lose the layers after its deepest tap even when they contain dropout.
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        return bool(schema is not None and schema.is_mutable)
+    return node.op == "call_module" and node.is_impure()
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.delete_all_unused_submodules()
+    _delete_unused_attributes(gm)
+    gm.recompile()
+
+
+def _delete_unused_attributes(gm: fx.GraphModule) -> None:
+    """Drop parameters and buffers no get_attr node reads any more (e.g. cut-off layers)."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    used |= {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    names = [name for name, _ in gm.named_parameters()] + [name for name, _ in gm.named_buffers()]
+    for name in names:
+        if name in used or any(name.startswith(u + ".") for u in used):
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        elif attr in owner._buffers:
+            del owner._buffers[attr]
+
+
+# -- running passes ------------------------------------------------------------------------------
+def order_passes(passes: Iterable[GraphPass]) -> list[GraphPass]:
+    """Topological order from runs_after/runs_before; ties keep the given order."""
+    items = list(passes)
+    names = [p.name for p in items]
+    after: dict[str, set[str]] = {n: set() for n in names}
+    for p in items:
+        after[p.name] |= {a for a in p.runs_after if a in after}
+        for b in p.runs_before:
+            if b in after:
+                after[b].add(p.name)
+    ordered: list[GraphPass] = []
+    done: set[str] = set()
+    while len(ordered) < len(items):
+        ready = [p for p in items if p.name not in done and after[p.name] <= done]
+        if not ready:
+            stuck = sorted(n for n in names if n not in done)
+            raise PassError(f"graph passes {stuck} have contradictory runs_after/runs_before")
+        ordered.append(ready[0])
+        done.add(ready[0].name)
+    return ordered
+
+
+def run_passes(
+    gm: fx.GraphModule, passes: Iterable[GraphPass], context: PassContext
+) -> fx.GraphModule:
+    """Run passes in constraint order; a failure names the pass, the passes before it and the node."""
+    ran: list[str] = []
+    for graph_pass in order_passes(passes):
+        try:
+            result = graph_pass(gm, context)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"returned {type(result).__name__}, expected PassResult")
+            result.graph_module.graph.lint()
+        except PassError:
+            raise
+        except Exception as exc:
+            node = getattr(exc, "node", None)
+            at = f" at node {node.name!r} ({node_module_path(node) or 'no module'})" if node else ""
+            raise PassError(
+                f"graph pass {graph_pass.name!r} failed on the {context.role} graph{at}: "
+                f"{type(exc).__name__}: {exc}\n  passes that ran before it: {ran or 'none'}"
+            ) from exc
+        gm = result.graph_module
+        ran.append(graph_pass.name)
+    return gm

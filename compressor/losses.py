@@ -1,0 +1,44 @@
+"""Loss terms: each reads named outputs of the student and teacher graphs.
+
+A term names what it reads (`output` or a module path tap) so the plan can tap the graphs
+and truncate the teacher. Terms are nn.Modules: learned pieces (feature projections) are
+trained with the student and, living outside the student graph, never reach the export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from compressor.components import Component
+
+Shapes = dict[str, tuple[Any, ...] | None]
+
+
+@dataclass
+class LossInputs:
+    student: dict[str, torch.Tensor]
+    teacher: dict[str, torch.Tensor]
+    target: torch.Tensor | None
+
+
+class LossTerm(Component, nn.Module):
+    kind: ClassVar[str] = "loss"
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, options: Any = None):
+        nn.Module.__init__(self)
+        Component.__init__(self, options)
+
+    def reads(self) -> dict[str, list[str]]:
+        """Names read from each graph: `output` or module paths, keyed by role."""
+        return {"student": ["output"], "teacher": ["output"] if self.needs_teacher else []}
+
+    def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
+        """Called once with the captured shapes of what `reads` names, before training."""
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        raise NotImplementedError

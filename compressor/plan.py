@@ -1,0 +1,301 @@
+"""From a validated recipe to a DistillPlan: models loaded, captured, passed, losses bound.
+
+Everything that can be wrong with a recipe is found here, before a run folder exists:
+unknown components, bad options, models that do not load or capture, taps not in a graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from compressor.errors import CaptureError, RecipeError, RecipeErrors
+from compressor.graph_pass import (
+    OUTPUT,
+    SCAFFOLD_META,
+    GraphPass,
+    PassContext,
+    TapNotFound,
+    node_shape,
+    original_output,
+    resolve_tap,
+    run_passes,
+    tapped,
+)
+from compressor.loading import DataBundle, DataLoader, ModelLoader, collate
+from compressor.losses import LossTerm, Shapes
+from compressor.module_pass import ModulePassContext
+from compressor.recipe import ModelSpec, Recipe, did_you_mean
+from compressor.registry import Registry
+
+ROLES = ("student", "teacher")
+# Passes every plan runs on both graphs; they are plugins, looked up by name like any other.
+DEFAULT_GRAPH_PASSES = ("tap", "truncate_teacher")
+
+
+@dataclass
+class BoundLoss:
+    label: str  # the name shown in logs; unique within a plan
+    weight: float
+    term: LossTerm
+
+
+@dataclass
+class DistillPlan:
+    recipe: Recipe
+    registry: Registry
+    device: torch.device
+    data: DataBundle
+    example_inputs: tuple[Any, ...]
+    student: nn.Module
+    student_graph: fx.GraphModule  # training form, tapped: what the engine runs
+    student_eval_graph: fx.GraphModule  # eval form, stripped: what is evaluated and exported
+    teacher: nn.Module | None
+    teacher_graph: fx.GraphModule | None
+    losses: list[BoundLoss]
+    passes: dict[str, list[GraphPass]] = field(default_factory=dict)
+    contexts: dict[str, PassContext] = field(default_factory=dict)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.student_graph.parameters())
+        for bound in self.losses:
+            params += list(bound.term.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def verify_inputs(self, batch: int = 64) -> list[tuple[torch.Tensor, ...]]:
+        """Eval samples on the CPU, at `batch` and at 1, to check exported artifacts with."""
+        full = collate(self.data.eval, range(min(batch, len(self.data.eval))), torch.device("cpu"))[
+            0
+        ]
+        return [(full,), (full[:1],)]
+
+    def capture(self, module: nn.Module, role: str) -> fx.GraphModule:
+        return capture(self.registry, module, self.example_inputs, role, self.recipe.capture.method)
+
+
+def select_device(recipe: Recipe) -> torch.device:
+    if recipe.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(recipe.locate(("device",)), "no CUDA GPU is visible", "auto, cpu")
+    return torch.device(recipe.device)
+
+
+def build_plan(recipe: Recipe, registry: Registry) -> DistillPlan:
+    """Validate and prepare a run. Raises RecipeError(s), PluginError or CaptureError."""
+    losses = _bind_losses(recipe, registry)
+    needs_teacher = any(bound.term.reads()["teacher"] for bound in losses)
+    if needs_teacher and recipe.teacher is None:
+        first = next(i for i, b in enumerate(losses) if b.term.reads()["teacher"])
+        raise RecipeError(
+            recipe.locate(("losses", first, "name")),
+            f"loss {recipe.losses[first].name!r} reads the teacher, but the recipe has no teacher",
+            "add a teacher: section, or use only losses that need no teacher (ce)",
+        )
+    graph_passes = {role: _bind_passes(recipe, registry, role) for role in ROLES}
+    module_passes = [
+        (
+            spec.target,
+            registry.create("module_pass", spec.name, spec.options, recipe, ("module_passes", i)),
+        )
+        for i, spec in enumerate(recipe.module_passes)
+    ]
+    for i, spec in enumerate([recipe.train.optimizer, recipe.train.schedule]):
+        key = ("optimizer", "schedule")[i]
+        registry.create(key, spec.name, spec.options, recipe, ("train", key))
+    for i, spec in enumerate(recipe.export):
+        registry.create("exporter", spec.name, spec.options, recipe, ("export", i))
+    problems = [
+        p
+        for found in registry.pm.hook.compressor_validate_recipe(recipe=recipe)
+        for p in found or []
+    ]
+    if problems:
+        raise RecipeErrors([RecipeError(recipe.locate(()), problem) for problem in problems])
+
+    device = select_device(recipe)
+    data_loader: DataLoader = registry.create(
+        "data_loader",
+        recipe.data.loader,
+        recipe.data.kwargs,
+        recipe,
+        ("data", "kwargs"),
+        ("data", "loader"),
+    )
+    data = data_loader.load(recipe.data, recipe)
+    if len(data.train) == 0 or len(data.eval) == 0:
+        raise RecipeError(
+            recipe.locate(("data",)), "the data loader returned an empty train or eval set"
+        )
+    # torch.export specialises a batch of 1, so capture with a few samples
+    example_inputs = (collate(data.train, range(min(4, len(data.train))), device)[0],)
+
+    teacher = None
+    if needs_teacher:
+        assert recipe.teacher is not None
+        teacher = _load_model(recipe, registry, recipe.teacher, "teacher", recipe.seed)
+    student = _load_model(recipe, registry, recipe.student, "student", recipe.seed + 1)
+    for target, module_pass in module_passes:
+        context = ModulePassContext(role=target, teacher=teacher)
+        if target == "student":
+            student = module_pass(student, context)
+        elif teacher is not None:
+            teacher = module_pass(teacher, context)
+    student.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+
+    reads = {role: [n for b in losses for n in b.term.reads()[role]] for role in ROLES}
+    contexts = {
+        role: PassContext(
+            role, [n for n in dict.fromkeys(reads[role]) if n != OUTPUT], OUTPUT in reads[role]
+        )
+        for role in ROLES
+    }
+    graphs: dict[str, fx.GraphModule] = {}
+    for role, module in (("student", student), ("teacher", teacher)):
+        if module is None:
+            continue
+        gm = capture(registry, module, example_inputs, role, recipe.capture.method)
+        _check_taps(recipe, gm, role, losses)
+        graphs[role] = run_passes(gm, graph_passes[role], contexts[role])
+
+    student_eval_graph = deployable_student(
+        registry, student, example_inputs, recipe, graph_passes["student"], contexts["student"]
+    )
+
+    shapes = {role: _shapes(graphs[role], reads[role]) if role in graphs else {} for role in ROLES}
+    for i, bound in enumerate(losses):
+        try:
+            bound.term.setup(shapes["student"], shapes["teacher"])
+        except ValueError as exc:
+            raise RecipeError(recipe.locate(("losses", i)), str(exc)) from None
+        bound.term.to(device)
+    return DistillPlan(
+        recipe=recipe,
+        registry=registry,
+        device=device,
+        data=data,
+        example_inputs=example_inputs,
+        student=student,
+        student_graph=graphs["student"],
+        student_eval_graph=student_eval_graph,
+        teacher=teacher,
+        teacher_graph=graphs.get("teacher"),
+        losses=losses,
+        passes=graph_passes,
+        contexts=contexts,
+    )
+
+
+def capture(
+    registry: Registry, module: nn.Module, example_inputs: tuple[Any, ...], role: str, method: str
+) -> fx.GraphModule:
+    gm = registry.pm.hook.compressor_capture(
+        module=module, example_inputs=example_inputs, role=role, method=method
+    )
+    if gm is None:
+        raise CaptureError(f"no plugin captured the {role}; is the 'capture' plugin disabled?")
+    return gm
+
+
+def deployable_student(
+    registry: Registry,
+    student: nn.Module,
+    example_inputs: tuple[Any, ...],
+    recipe: Recipe,
+    passes: list[GraphPass],
+    context: PassContext,
+) -> fx.GraphModule:
+    """The student in eval form with its passes applied, then stripped of all scaffolding.
+
+    Dropout and BatchNorm modes are fixed at capture, so the student is captured a second
+    time in eval form. It shares parameters and buffers with the training graph, so it always
+    computes with the current weights.
+    """
+    student.eval()
+    try:
+        graph = capture(registry, student, example_inputs, "student", recipe.capture.method)
+    finally:
+        student.train()
+    graph = run_passes(graph, passes, context)
+    strip = registry.create("graph_pass", "strip", {})
+    graph = run_passes(graph, [strip], PassContext("student"))
+    if tapped(graph) or any(n.meta.get(SCAFFOLD_META) for n in graph.graph.nodes):
+        raise CaptureError("the strip pass left distillation scaffolding in the student graph")
+    return graph
+
+
+def _bind_losses(recipe: Recipe, registry: Registry) -> list[BoundLoss]:
+    out: list[BoundLoss] = []
+    errors: list[RecipeError] = []
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(recipe.losses):
+        try:
+            term = registry.create("loss", spec.name, spec.options, recipe, ("losses", i))
+        except RecipeError as exc:
+            errors.append(exc)
+            continue
+        except RecipeErrors as exc:
+            errors.extend(exc.errors)
+            continue
+        count = seen.get(spec.name, 0)
+        seen[spec.name] = count + 1
+        out.append(
+            BoundLoss(spec.name if count == 0 else f"{spec.name}_{count}", spec.weight, term)
+        )
+    if errors:
+        raise RecipeErrors(errors)
+    return out
+
+
+def _bind_passes(recipe: Recipe, registry: Registry, role: str) -> list[GraphPass]:
+    passes = [registry.create("graph_pass", name, {}, None, ()) for name in DEFAULT_GRAPH_PASSES]
+    for i, spec in enumerate(recipe.passes):
+        if spec.target != role:
+            continue
+        graph_pass = registry.create("graph_pass", spec.name, spec.options, recipe, ("passes", i))
+        # a recipe entry replaces the default pass of that name (e.g. `tap` with extra nodes)
+        passes = [p for p in passes if p.name != graph_pass.name] + [graph_pass]
+    return passes
+
+
+def _load_model(
+    recipe: Recipe, registry: Registry, spec: ModelSpec, role: str, seed: int
+) -> nn.Module:
+    # Seeded per role, so the student starts from the same weights with or without a teacher.
+    torch.manual_seed(seed)
+    loader: ModelLoader = registry.create(
+        "model_loader", spec.loader, {}, recipe, (role,), (role, "loader")
+    )
+    return loader.load(spec, recipe, (role,))
+
+
+def _check_taps(recipe: Recipe, gm: fx.GraphModule, role: str, losses: list[BoundLoss]) -> None:
+    for i, bound in enumerate(losses):
+        for name in bound.term.reads()[role]:
+            if name == OUTPUT:
+                continue
+            try:
+                resolve_tap(gm, name)
+            except TapNotFound as exc:
+                raise RecipeError(
+                    recipe.locate(("losses", i, role)),
+                    f"tap {name!r} is not a module of the {role} graph{did_you_mean(name, exc.available)}",
+                    "output, or a module path: " + ", ".join(exc.available),
+                ) from None
+
+
+def _shapes(gm: fx.GraphModule, names: list[str]) -> Shapes:
+    taps = tapped(gm)
+    out: Shapes = {}
+    for name in names:
+        if name == OUTPUT:
+            node = original_output(gm)
+            out[name] = node_shape(node) if isinstance(node, fx.Node) else None
+        else:
+            out[name] = node_shape(taps[name])
+    return out

@@ -1,0 +1,241 @@
+"""The recipe: YAML parsed into typed objects, every error located at file:line:column.
+
+Components named in a recipe (losses, passes, loaders, exporters, optimizers) are plugins, so
+their options are validated in a second step against the options model each plugin declares
+(see `compressor.registry.Registry.bind`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from compressor.errors import Location, RecipeError, RecipeErrors
+from compressor.yaml_positions import KeyPath, SourceMap, format_path, load_yaml
+
+
+class Strict(BaseModel):
+    """A recipe section: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentSpec(BaseModel):
+    """`name` picks a registered plugin component; the other keys are that component's options."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class LossSpec(ComponentSpec):
+    weight: float = 1.0
+
+
+class PassSpec(ComponentSpec):
+    target: Literal["student", "teacher"] = "student"
+
+
+class ModelSpec(Strict):
+    loader: str = "callable"
+    model: str = Field(description="module:function or path/to/file.py:function")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(None, description="a .safetensors file (never a pickle)")
+
+
+class DataSpec(Strict):
+    loader: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+
+
+class CaptureSpec(Strict):
+    method: Literal["auto", "export", "symbolic_trace"] = "auto"
+
+
+class TrainSpec(Strict):
+    steps: int = Field(gt=0)
+    optimizer: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="adamw"))
+    schedule: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="constant"))
+    grad_clip: float | None = Field(None, gt=0)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class ReportSpec(Strict):
+    baseline: bool = False
+    latency_batches: list[int] = Field(default_factory=lambda: [1, 32])
+    latency_repeats: int = Field(50, gt=0)
+
+
+class Recipe(Strict):
+    name: str = "run"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: str | None = Field(None, description="run folder; default runs/<name>")
+    teacher: ModelSpec | None = None
+    student: ModelSpec
+    data: DataSpec
+    capture: CaptureSpec = Field(default_factory=lambda: CaptureSpec())
+    module_passes: list[PassSpec] = Field(default_factory=list)
+    passes: list[PassSpec] = Field(default_factory=list)
+    losses: list[LossSpec] = Field(min_length=1)
+    train: TrainSpec
+    export: list[ComponentSpec] = Field(default_factory=lambda: [ComponentSpec(name="onnx")])
+    report: ReportSpec = Field(default_factory=lambda: ReportSpec())
+
+    _path: Path = PrivateAttr(default=Path("recipe.yaml"))
+    _source: SourceMap = PrivateAttr(default_factory=lambda: SourceMap("recipe.yaml"))
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def source(self) -> SourceMap:
+        return self._source
+
+    def resolve(self, relative: str) -> Path:
+        """Files named in a recipe are relative to the recipe's folder."""
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else (self._path.parent / path)
+
+    def run_dir(self) -> Path:
+        """Run folders are relative to the working directory, like torchtune's output_dir."""
+        return Path(self.output) if self.output else Path("runs") / self.name
+
+    def locate(self, path: KeyPath, prefer_key: bool = False) -> Location:
+        return self._source.locate(path, prefer_key)
+
+
+OVERRIDE_FILE = "<command line>"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file. Raises RecipeError/RecipeErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(Location(str(path)), "recipe file not found", "a path to a .yaml file")
+    data, source = load_yaml(path.read_text(), str(path))
+    if not isinstance(data, dict):
+        raise RecipeError(source.locate(()), "a recipe must be a mapping of keys")
+    for override in overrides:
+        _apply_override(data, override, source)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeErrors([_to_recipe_error(e, source, Recipe) for e in exc.errors()]) from None
+    recipe._path = path
+    recipe._source = source
+    return recipe
+
+
+def validation_errors(
+    exc: ValidationError, source: SourceMap, prefix: KeyPath, model: type[BaseModel]
+) -> list[RecipeError]:
+    """Pydantic errors of a sub-model validated at `prefix`, located in the recipe."""
+    out = []
+    for error in exc.errors():
+        located = {**error, "loc": (*prefix, *error["loc"])}
+        out.append(_to_recipe_error(located, source, model, len(prefix)))
+    return out
+
+
+def did_you_mean(word: str, choices: list[str] | set[str] | typing.KeysView[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _to_recipe_error(
+    error: Any, source: SourceMap, model: type[BaseModel], skip: int = 0
+) -> RecipeError:
+    loc: KeyPath = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        allowed = sorted(_fields_at(model, loc[skip:-1]))
+        return RecipeError(
+            source.locate(loc, prefer_key=True),
+            f"unknown key {key!r}{did_you_mean(key, allowed)}",
+            ", ".join(allowed) if allowed else None,
+        )
+    if kind == "missing":
+        return RecipeError(
+            source.locate(loc[:-1], prefer_key=True),
+            f"missing required key {format_path(loc)!r}",
+        )
+    got = error.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    return RecipeError(source.locate(loc), f"{error['msg']}{shown}")
+
+
+def _fields_at(model: type[BaseModel], path: KeyPath) -> set[str]:
+    """Field names allowed at `path` inside `model`, following nested models and lists."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return set()
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return set()
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return set(current.model_fields)
+    return set()
+
+
+def _model_in(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if isinstance(found, type) and issubclass(found, BaseModel):
+                return found
+        return None
+    return annotation
+
+
+def _apply_override(data: dict[str, Any], override: str, source: SourceMap) -> None:
+    """torchtune style `key.path=value`; list items by index (`losses.0.weight=0.5`)."""
+    key, sep, raw = override.partition("=")
+    where = Location(OVERRIDE_FILE, key_path=key)
+    if not sep or not key:
+        raise RecipeError(Location(OVERRIDE_FILE), f"override {override!r} is not key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(where, f"override value {raw!r} is not valid YAML: {exc}") from None
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise RecipeError(where, f"{part!r} is not an index of the list at this key")
+        elif isinstance(node, dict):
+            if isinstance(part, int):
+                part = str(part)
+            if not last and part not in node:
+                node[part] = {}
+        else:
+            raise RecipeError(where, f"cannot set {part!r} inside a {type(node).__name__}")
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+    # Errors about an overridden value point at the command line, not at the file.
+    source.overridden.add(tuple(parts))

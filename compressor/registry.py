@@ -1,0 +1,128 @@
+"""Every component the loaded plugins provide, by kind and name, with the plugin behind it."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+from pydantic import ValidationError
+
+from compressor.components import Component
+from compressor.errors import PluginError, RecipeError, RecipeErrors
+from compressor.plugin_manager import PluginInfo, make_plugin_manager
+from compressor.recipe import Recipe, did_you_mean, validation_errors
+from compressor.yaml_positions import KeyPath
+
+# kind -> (provider hook, base class every provided component must subclass)
+KINDS: dict[str, tuple[str, str]] = {
+    "model_loader": ("compressor_model_loaders", "compressor.loading:ModelLoader"),
+    "data_loader": ("compressor_data_loaders", "compressor.loading:DataLoader"),
+    "module_pass": ("compressor_module_passes", "compressor.module_pass:ModulePass"),
+    "graph_pass": ("compressor_graph_passes", "compressor.graph_pass:GraphPass"),
+    "loss": ("compressor_losses", "compressor.losses:LossTerm"),
+    "optimizer": ("compressor_optimizers", "compressor.optim:OptimizerFactory"),
+    "schedule": ("compressor_schedules", "compressor.optim:ScheduleFactory"),
+    "exporter": ("compressor_exporters", "compressor.export:Exporter"),
+}
+
+
+@dataclass(frozen=True)
+class Provided:
+    kind: str
+    name: str
+    cls: type[Component]
+    plugin: str
+
+
+class Registry:
+    def __init__(self, pm: pluggy.PluginManager, plugins: list[PluginInfo]):
+        self.pm = pm
+        self.plugins = plugins
+        self.components: dict[str, dict[str, Provided]] = {kind: {} for kind in KINDS}
+        for kind, (hook_name, base_path) in KINDS.items():
+            module_name, _, attr = base_path.partition(":")
+            base: type[Component] = getattr(importlib.import_module(module_name), attr)
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                try:
+                    provided = impl.function() or []
+                except Exception as exc:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r} failed in hook {hook_name}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                for cls in provided:
+                    self._add(kind, hook_name, base, cls, impl.plugin_name)
+
+    @classmethod
+    def load(
+        cls,
+        disabled: tuple[str, ...] | list[str] = (),
+        enabled: tuple[str, ...] | list[str] = (),
+        extra: tuple[object, ...] = (),
+    ) -> Registry:
+        return cls(*make_plugin_manager(disabled, enabled, extra))
+
+    def _add(self, kind: str, hook: str, base: type[Component], cls: Any, plugin: str) -> None:
+        where = f"plugin {plugin!r}, hook {hook}"
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError(f"{where}: returned {cls!r}, which is not a {base.__name__} subclass")
+        if not cls.name:
+            raise PluginError(f"{where}: {cls.__name__} has no `name`")
+        table = self.components[kind]
+        if cls.name in table:
+            other = table[cls.name].plugin
+            raise PluginError(
+                f"{where}: {kind.replace('_', ' ')} {cls.name!r} is already provided by "
+                f"plugin {other!r}; disable one with -p no:NAME"
+            )
+        table[cls.name] = Provided(kind, cls.name, cls, plugin)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.components[kind])
+
+    def provided_by(self, plugin: str) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for kind, table in self.components.items():
+            for provided in table.values():
+                if provided.plugin == plugin:
+                    out.setdefault(kind, []).append(provided.name)
+        return out
+
+    def lookup(self, kind: str, name: str, recipe: Recipe | None, path: KeyPath) -> type[Any]:
+        table = self.components[kind]
+        if name in table:
+            return table[name].cls
+        allowed = ", ".join(self.names(kind)) or "(none registered)"
+        problem = f"unknown {kind.replace('_', ' ')} {name!r}{did_you_mean(name, table.keys())}"
+        if recipe is None:
+            raise PluginError(f"{problem}; registered: {allowed}")
+        raise RecipeError(recipe.locate(path), problem, allowed)
+
+    def create(
+        self,
+        kind: str,
+        name: str,
+        options: dict[str, Any],
+        recipe: Recipe | None = None,
+        path: KeyPath = (),
+        name_path: KeyPath | None = None,
+    ) -> Any:
+        """Look `name` up and build it from `options` validated against its Options model.
+
+        `path` is where the options sit in the recipe; `name_path` where the name does
+        (default: the `name` key beside the options).
+        """
+        cls = self.lookup(kind, name, recipe, (*path, "name") if name_path is None else name_path)
+        try:
+            validated = cls.Options.model_validate(options)
+        except ValidationError as exc:
+            if recipe is None:
+                raise PluginError(f"{kind} {name!r}: bad options: {exc}") from None
+            errors = validation_errors(exc, recipe.source, path, cls.Options)
+            for error in errors:
+                # name the component whose options these are, and what it takes
+                error.args = (f"{error} [{kind.replace('_', ' ')} {name!r}]",)
+            raise RecipeErrors(errors) from None
+        return cls(validated)

@@ -1,0 +1,1 @@
+"""Built-in graph passes, one per module, each registered as a plugin."""

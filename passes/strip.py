@@ -1,0 +1,50 @@
+"""`strip`: remove all distillation scaffolding before export.
+
+Taps are dropped from the outputs and every node marked as scaffolding (branches, projections
+added by passes) is erased with whatever only it used, so the exported student is exactly the
+plain student.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from compressor.graph_pass import (
+    SCAFFOLD_META,
+    GraphPass,
+    PassContext,
+    PassResult,
+    eliminate_dead_code,
+    original_output,
+    set_outputs,
+    tapped,
+)
+from compressor.hookspecs import hookimpl
+
+
+class Strip(GraphPass):
+    """Remove taps and scaffolding nodes so the graph is the plain student."""
+
+    name = "strip"
+
+    def __call__(self, gm: fx.GraphModule, context: PassContext) -> PassResult:
+        scaffold = [n for n in gm.graph.nodes if n.meta.get(SCAFFOLD_META)]
+        if not tapped(gm) and not scaffold:
+            return PassResult(gm, modified=False)
+        set_outputs(gm, original_output(gm), {})
+        for node in reversed(scaffold):
+            if node.users:
+                error = RuntimeError(
+                    f"scaffolding node still feeds {[u.name for u in node.users]}; "
+                    "scaffolding may only feed other scaffolding or taps"
+                )
+                error.node = node  # type: ignore[attr-defined]
+                raise error
+            gm.graph.erase_node(node)
+        eliminate_dead_code(gm)
+        return PassResult(gm, modified=True)
+
+
+@hookimpl
+def compressor_graph_passes() -> list[type]:
+    return [Strip]

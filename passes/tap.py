@@ -1,0 +1,50 @@
+"""`tap`: expose intermediate outputs so losses can read them.
+
+Losses name taps by module path (`features.2`); the plan passes those in the context and the
+recipe may add more with `nodes:`. Each tap is the last node computed inside that module.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+from torch import fx
+
+from compressor.graph_pass import (
+    GraphPass,
+    PassContext,
+    PassResult,
+    original_output,
+    resolve_tap,
+    set_outputs,
+    tapped,
+)
+from compressor.hookspecs import hookimpl
+
+
+class TapOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    nodes: list[str] = []
+
+
+class Tap(GraphPass):
+    """Expose intermediate outputs (module paths) as extra graph outputs."""
+
+    name = "tap"
+    Options = TapOptions
+
+    def __call__(self, gm: fx.GraphModule, context: PassContext) -> PassResult:
+        taps = tapped(gm)
+        wanted = [*context.taps, *self.options.nodes]
+        missing = [path for path in dict.fromkeys(wanted) if path not in taps]
+        if not missing:
+            return PassResult(gm, modified=False)
+        for path in missing:
+            taps[path] = resolve_tap(gm, path)
+        set_outputs(gm, original_output(gm), taps)
+        gm.recompile()
+        return PassResult(gm, modified=True)
+
+
+@hookimpl
+def compressor_graph_passes() -> list[type]:
+    return [Tap]

@@ -1,0 +1,17 @@
+"""Built-in capture: torch.export (non-strict, dynamic batch), falling back to symbolic_trace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx, nn
+
+from compressor.capture import capture_module
+from compressor.hookspecs import hookimpl
+
+
+@hookimpl(trylast=True)
+def compressor_capture(
+    module: nn.Module, example_inputs: tuple[Any, ...], role: str, method: str
+) -> fx.GraphModule:
+    return capture_module(module, example_inputs, role, method)

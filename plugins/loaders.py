@@ -1,0 +1,113 @@
+"""Built-in loaders: models from Python callables (+ safetensors weights), data from a
+callable or from scikit-learn's bundled digits images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from compressor.errors import RecipeError
+from compressor.hookspecs import hookimpl
+from compressor.loading import (
+    DataBundle,
+    DataLoader,
+    ModelLoader,
+    call_with_kwargs,
+    load_safetensors_weights,
+    resolve_callable,
+)
+from compressor.recipe import DataSpec, ModelSpec, Recipe
+from compressor.yaml_positions import KeyPath
+
+
+class CallableModel(ModelLoader):
+    """A model built by a Python callable (`module:function` or `file.py:function`)."""
+
+    name = "callable"
+
+    def load(self, spec: ModelSpec, recipe: Recipe, path: KeyPath) -> nn.Module:
+        build = resolve_callable(spec.model, recipe, (*path, "model"))
+        model = call_with_kwargs(build, spec.kwargs, recipe, (*path, "kwargs"))
+        if not isinstance(model, nn.Module):
+            raise RecipeError(
+                recipe.locate((*path, "model")),
+                f"{spec.model} returned {type(model).__name__}, not a torch.nn.Module",
+            )
+        if spec.weights:
+            load_safetensors_weights(
+                model, recipe.resolve(spec.weights), recipe, (*path, "weights")
+            )
+        return model
+
+
+class CallableDataOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    function: str = Field(description="module:function or file.py:function returning a DataBundle")
+    kwargs: dict[str, Any] = {}
+
+
+class CallableData(DataLoader):
+    """Data from a Python callable that returns a `compressor.loading.DataBundle`."""
+
+    name = "callable"
+    Options = CallableDataOptions
+
+    def load(self, spec: DataSpec, recipe: Recipe) -> DataBundle:
+        path: KeyPath = ("data", "kwargs")
+        make = resolve_callable(self.options.function, recipe, (*path, "function"))
+        bundle = call_with_kwargs(make, self.options.kwargs, recipe, (*path, "kwargs"))
+        if not isinstance(bundle, DataBundle):
+            raise RecipeError(
+                recipe.locate((*path, "function")),
+                f"{self.options.function} returned {type(bundle).__name__}, not a DataBundle",
+            )
+        return bundle
+
+
+class DigitsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    eval_fraction: float = Field(0.25, gt=0, lt=1)
+    split_seed: int = 0
+    train_limit: int | None = Field(None, gt=0, description="use only this many training images")
+    flatten: bool = Field(False, description="64-vectors instead of 1x8x8 images")
+
+
+class Digits(DataLoader):
+    """scikit-learn's 1797 8x8 handwritten digits, stratified fixed train/eval split."""
+
+    name = "digits"
+    Options = DigitsOptions
+
+    def load(self, spec: DataSpec, recipe: Recipe) -> DataBundle:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        o = self.options
+        images, labels = load_digits(return_X_y=True)
+        x_train, x_eval, y_train, y_eval = train_test_split(
+            images, labels, test_size=o.eval_fraction, random_state=o.split_seed, stratify=labels
+        )
+        if o.train_limit is not None:
+            x_train, y_train = x_train[: o.train_limit], y_train[: o.train_limit]
+        shape = (-1, 64) if o.flatten else (-1, 1, 8, 8)
+
+        def dataset(x: Any, y: Any) -> TensorDataset:
+            # pixel values are 0..16
+            inputs = torch.tensor(x, dtype=torch.float32).reshape(shape) / 16.0
+            return TensorDataset(inputs, torch.tensor(y, dtype=torch.long))
+
+        return DataBundle(dataset(x_train, y_train), dataset(x_eval, y_eval), "classification", 10)
+
+
+@hookimpl
+def compressor_model_loaders() -> list[type]:
+    return [CallableModel]
+
+
+@hookimpl
+def compressor_data_loaders() -> list[type]:
+    return [CallableData, Digits]

@@ -1,0 +1,118 @@
+"""Built-in optimizers (adamw, adam, sgd) and schedules (constant, cosine, linear)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from compressor.hookspecs import hookimpl
+from compressor.optim import OptimizerFactory, ScheduleFactory
+
+
+class AdamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class SGDOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    nesterov: bool = False
+
+
+class AdamW(OptimizerFactory):
+    """AdamW (decoupled weight decay)."""
+
+    name = "adamw"
+    Options = AdamOptions
+
+    def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        o = self.options
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+
+
+class Adam(OptimizerFactory):
+    """Adam (L2 weight decay)."""
+
+    name = "adam"
+    Options = AdamOptions
+
+    def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        o = self.options
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+
+
+class SGD(OptimizerFactory):
+    """SGD with momentum."""
+
+    name = "sgd"
+    Options = SGDOptions
+
+    def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        o = self.options
+        return torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+        )
+
+
+class WarmupOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    warmup_steps: int = Field(0, ge=0)
+
+
+def _warmup(step: int, warmup_steps: int) -> float | None:
+    return (step + 1) / warmup_steps if step < warmup_steps else None
+
+
+class Constant(ScheduleFactory):
+    """Constant learning rate after an optional linear warmup."""
+
+    name = "constant"
+    Options = WarmupOptions
+
+    def factor(self, step: int, total_steps: int) -> float:
+        return _warmup(step, self.options.warmup_steps) or 1.0
+
+
+class Cosine(ScheduleFactory):
+    """Cosine decay to zero after an optional linear warmup."""
+
+    name = "cosine"
+    Options = WarmupOptions
+
+    def factor(self, step: int, total_steps: int) -> float:
+        warm = self.options.warmup_steps
+        if (w := _warmup(step, warm)) is not None:
+            return w
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Linear(ScheduleFactory):
+    """Linear decay to zero after an optional linear warmup."""
+
+    name = "linear"
+    Options = WarmupOptions
+
+    def factor(self, step: int, total_steps: int) -> float:
+        warm = self.options.warmup_steps
+        if (w := _warmup(step, warm)) is not None:
+            return w
+        return max(0.0, 1.0 - (step - warm) / max(1, total_steps - warm))
+
+
+@hookimpl
+def compressor_optimizers() -> list[type]:
+    return [AdamW, Adam, SGD]
+
+
+@hookimpl
+def compressor_schedules() -> list[type]:
+    return [Constant, Cosine, Linear]

@@ -1,0 +1,120 @@
+"""Built-in report: report.json, report.md and curves.png in the run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from compressor.hookspecs import hookimpl
+
+
+@hookimpl
+def compressor_write_report(report: dict[str, Any], run_dir: Path) -> list[Path]:
+    json_path = run_dir / "report.json"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md_path = run_dir / "report.md"
+    md_path.write_text(render_markdown(report))
+    paths = [json_path, md_path]
+    png = _plot_curves(report, run_dir / "curves.png")
+    if png is not None:
+        paths.append(png)
+    return paths
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    models = report["models"]
+    roles = [r for r in ("teacher", "student", "baseline") if r in models]
+    lines = [f"# {report['name']}: distillation report", ""]
+    lines.append(
+        f"Recipe `{report['recipe']}`, {report['steps']} steps on {report['device']} "
+        f"in {report['train_seconds']} s. Losses: "
+        + ", ".join(f"{loss['name']} x{loss['weight']}" for loss in report["losses"])
+        + "."
+    )
+    lines += [
+        "",
+        "## Quality (eval set)",
+        "",
+        "| model | " + " | ".join(k for k in models["student"]["quality"]) + " |",
+        "|---" * (1 + len(models["student"]["quality"])) + "|",
+    ]
+    for role in roles:
+        q = models[role]["quality"]
+        label = "student without teacher (baseline)" if role == "baseline" else role
+        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in q.values()) + " |")
+    if "distillation_gain" in report:
+        gain = report["distillation_gain"]["accuracy"]
+        lines += ["", f"Distillation gain over the baseline: {gain * 100:+.2f} accuracy points."]
+    lines += ["", "## Size and latency (CPU)", ""]
+    sized = [r for r in ("teacher", "student") if r in models]
+    header = ["model", "parameters", "weights"]
+    runtimes = sorted({rt for r in sized for rt in models[r]["latency_ms"]})
+    batches = sorted(
+        {b for r in sized for rt in runtimes for b in models[r]["latency_ms"].get(rt, {})}, key=int
+    )
+    header += [f"{rt} file" for rt in runtimes if rt != "pytorch"]
+    header += [f"{rt} ms @ batch {b}" for rt in runtimes for b in batches]
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for role in sized:
+        m = models[role]
+        row = [role, _fmt(m["parameters"]), f"{m['state_bytes'] / 1024:.1f} KiB"]
+        row += [
+            f"{m['files'][rt]['bytes'] / 1024:.1f} KiB" if rt in m["files"] else "n/a"
+            for rt in runtimes
+            if rt != "pytorch"
+        ]
+        row += [_fmt(m["latency_ms"].get(rt, {}).get(b), 3) for rt in runtimes for b in batches]
+        lines.append("| " + " | ".join(row) + " |")
+    if "compression" in report:
+        lines += [
+            "",
+            f"The student has {report['compression']['parameter_ratio']:.1f}x fewer parameters.",
+        ]
+    lines += ["", "## Exports", ""]
+    for e in report["exports"]:
+        verdict = "verified" if e["ok"] else "FAILED"
+        lines.append(
+            f"- {e['exporter']}: `{e['path']}`: max abs difference vs PyTorch "
+            f"{e['max_abs_diff']:.3g} (tolerance {e['tolerance']:.3g}) {verdict}"
+        )
+    lines += ["", "![training curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot_curves(report: dict[str, Any], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {"distilled": report["history"]}
+    if "baseline" in report["models"]:
+        runs["baseline (no teacher)"] = report["models"]["baseline"]["history"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, history in runs.items():
+        train = [r for r in history if "loss" in r and "event" not in r]
+        evals = [r for r in history if "eval/accuracy" in r]
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
+        ax_acc.plot(
+            [r["step"] for r in evals], [r["eval/accuracy"] for r in evals], marker="o", label=label
+        )
+    ax_loss.set(title="training loss (weighted sum)", xlabel="step", yscale="log")
+    ax_acc.set(title="eval accuracy", xlabel="step")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
