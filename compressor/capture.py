@@ -55,15 +55,24 @@ def _export(module: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModul
     out = output_node(gm)
     leaves: Any = out.args[0]
     structure = pytree.tree_unflatten(list(leaves), out_spec)
-    # Input guards re-check shapes at every call; our callers pass the captured signature.
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
+        if _is_guard(node) or _is_unused_attribute(node):
             gm.graph.erase_node(node)
     gm.graph._codegen = fx.graph.CodeGen()
     out.args = (structure,)
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def _is_guard(node: fx.Node) -> bool:
+    # Input guards re-check shapes at every call; our callers pass the captured signature.
+    return node.op == "call_module" and node.target == "_guards_fn"
+
+
+def _is_unused_attribute(node: fx.Node) -> bool:
+    # e.g. BatchNorm's num_batches_tracked, read only in training form
+    return node.op == "get_attr" and not node.users
 
 
 def _symbolic_trace(module: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:

@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         and not any(a in ("-h", "--help") for a in argv)
     ):
         argv.insert(0, "run")
-    args = build_parser().parse_args(argv)
+    # `-p NAME` and KEY=VALUE overrides may sit anywhere (argparse would let a subcommand's
+    # defaults drop a `-p` given before it), so both are taken out before parsing.
+    plugins, rest = _take_plugin_options(argv)
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    args = build_parser().parse_args([a for a in rest if a not in overrides])
+    args.overrides, args.plugins = overrides, plugins
     if args.command is None:
         build_parser().print_help()
         return 0
@@ -114,6 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
+
+
+def _take_plugin_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    plugins: list[str] = []
+    rest: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "-p":
+            plugins.append(next(words, ""))
+        elif word.startswith("-p") and not word.startswith("--"):
+            plugins.append(word[2:])
+        else:
+            rest.append(word)
+    return plugins, rest
 
 
 def describe_plugins(registry: Registry) -> str:

@@ -214,7 +214,11 @@ def run_passes(
             raise
         except Exception as exc:
             node = getattr(exc, "node", None)
-            at = f" at node {node.name!r} ({node_module_path(node) or 'no module'})" if node else ""
+            at = (
+                f" at node {node.name!r} ({node_module_path(node) or 'top-level module'})"
+                if node
+                else ""
+            )
             raise PassError(
                 f"graph pass {graph_pass.name!r} failed on the {context.role} graph{at}: "
                 f"{type(exc).__name__}: {exc}\n  passes that ran before it: {ran or 'none'}"

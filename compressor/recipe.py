@@ -154,7 +154,11 @@ def validation_errors(
 
 
 def did_you_mean(word: str, choices: list[str] | set[str] | typing.KeysView[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    """A suggestion for a misspelt name: close spelling, or one name containing the other."""
+    options = list(choices)
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    if not close:
+        close = [c for c in options if len(c) >= 2 and (c in word or word in c)][:1]
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

@@ -74,8 +74,8 @@ class Registry:
         if cls.name in table:
             other = table[cls.name].plugin
             raise PluginError(
-                f"{where}: {kind.replace('_', ' ')} {cls.name!r} is already provided by "
-                f"plugin {other!r}; disable one with -p no:NAME"
+                f"{kind.replace('_', ' ')} {cls.name!r} is provided by two plugins, "
+                f"{other!r} and {plugin!r} ({hook}); disable one with -p no:NAME"
             )
         table[cls.name] = Provided(kind, cls.name, cls, plugin)
 

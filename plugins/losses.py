@@ -6,10 +6,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from compressor.cuda.kernels import kernel
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from compressor.cuda.kernels import kernel
 from compressor.hookspecs import hookimpl
 from compressor.losses import LossInputs, LossTerm, Shapes
 

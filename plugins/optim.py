@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,26 +28,27 @@ class SGDOptions(BaseModel):
     nesterov: bool = False
 
 
-class AdamW(OptimizerFactory):
+class _AdamFamily(OptimizerFactory):
+    Options = AdamOptions
+    torch_class: ClassVar[type[torch.optim.Adam] | type[torch.optim.AdamW]]
+
+    def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        o = self.options
+        return self.torch_class(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+
+
+class AdamW(_AdamFamily):
     """AdamW (decoupled weight decay)."""
 
     name = "adamw"
-    Options = AdamOptions
-
-    def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        o = self.options
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+    torch_class = torch.optim.AdamW
 
 
-class Adam(OptimizerFactory):
+class Adam(_AdamFamily):
     """Adam (L2 weight decay)."""
 
     name = "adam"
-    Options = AdamOptions
-
-    def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        o = self.options
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+    torch_class = torch.optim.Adam
 
 
 class SGD(OptimizerFactory):

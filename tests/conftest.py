@@ -1,0 +1,69 @@
+"""Shared fixtures: the plugin registry and small recipes written to a temporary folder."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from compressor.registry import Registry
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+TINY = TESTS / "tiny_models.py"
+DIGITS = ROOT / "examples" / "digits"
+
+# A fast recipe: tiny MLPs on a slice of digits. Tests format it and override keys.
+FAST_RECIPE = f"""\
+name: fast
+seed: 0
+teacher:
+  model: {TINY}:mlp
+  kwargs: {{width: 32, depth: 4}}
+student:
+  model: {TINY}:mlp
+  kwargs: {{width: 8, depth: 2}}
+data:
+  loader: digits
+  kwargs: {{train_limit: 256, flatten: true}}
+  batch_size: 32
+losses:
+  - name: kd
+    weight: 0.5
+    temperature: 2.0
+  - name: ce
+    weight: 0.5
+  - name: feature_mse
+    student: layers.1
+    teacher: layers.2
+train:
+  steps: 30
+  optimizer: {{name: adamw, lr: 0.01}}
+  log_every: 5
+  eval_every: 10
+  checkpoint_every: 10
+report:
+  latency_repeats: 2
+"""
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return Registry.load()
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path) -> Callable[..., Path]:
+    """Write recipe text (dedented) to tmp_path/<name>, with `output` inside tmp_path."""
+
+    def write(text: str = FAST_RECIPE, name: str = "recipe.yaml", output: bool = True) -> Path:
+        body = textwrap.dedent(text)
+        if output and "\noutput:" not in body:
+            body += f"output: {tmp_path / 'run'}\n"
+        path = tmp_path / name
+        path.write_text(body)
+        return path
+
+    return write

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+from conftest import FAST_RECIPE, TINY
+
+from compressor.cli import main
+
+
+def test_run_end_to_end_writes_report_export_and_baseline(write_recipe, tmp_path, capsys):
+    path = write_recipe()
+    assert main([str(path), "report.baseline=true", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    assert f"run folder: {run}" in out and "distillation gain" in out
+    for name in (
+        "report.json",
+        "report.md",
+        "curves.png",
+        "metrics.jsonl",
+        "student.safetensors",
+        "recipe.yaml",
+    ):
+        assert (run / name).is_file(), name
+    assert (
+        "# command-line overrides:\n#   report.baseline=true" in (run / "recipe.yaml").read_text()
+    )
+    report = json.loads((run / "report.json").read_text())
+    models = report["models"]
+    assert set(models) == {"teacher", "student", "baseline"}
+    assert models["teacher"]["parameters"] > models["student"]["parameters"]
+    for role in ("teacher", "student"):
+        latency = models[role]["latency_ms"]
+        assert set(latency) == {"pytorch", "onnx"} and set(latency["onnx"]) == {"1", "32"}
+        assert all(v > 0 for v in latency["onnx"].values())
+        assert models[role]["files"]["onnx"]["bytes"] > 0
+    assert 0 <= models["student"]["quality"]["accuracy"] <= 1
+    assert report["distillation_gain"]["accuracy"] == pytest.approx(
+        models["student"]["quality"]["accuracy"] - models["baseline"]["quality"]["accuracy"]
+    )
+    export = report["exports"][0]
+    assert export["ok"] and export["max_abs_diff"] < 1e-4 and export["verified_batches"] == [64, 1]
+    model = onnx.load(export["path"])
+    assert [o.name for o in model.graph.output] == ["logits"]  # no tap outputs survive strip
+    markdown = (run / "report.md").read_text()
+    assert "student without teacher (baseline)" in markdown and "verified" in markdown
+    assert main([str(path), "--quiet"]) == 1  # the folder holds a run: refuse to clobber it
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_export_above_tolerance_fails_with_the_number(write_recipe, tmp_path, capsys):
+    path = write_recipe(FAST_RECIPE + "export:\n  - name: onnx\n    tolerance: 1.0e-30\n")
+    assert main([str(path), "--quiet", "train.steps=5"]) == 1
+    err = capsys.readouterr().err
+    assert "onnx export" in err and "differs from PyTorch by" in err and "(tolerance 1e-30)" in err
+    assert (tmp_path / "run" / "report.json").is_file()  # the numbers are kept for inspection
+
+
+def test_validate_prints_taps_with_shapes(write_recipe, capsys):
+    assert main(["validate", str(write_recipe())]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "256 train / 450 eval samples" in out
+    assert (
+        "loss feature_mse (weight 1.0): student.layers.1 -> node relu_1 [N, 8]; teacher.layers.2 -> node relu_2 [N, 32]"
+        in out
+    )
+
+
+def test_graph_prints_and_writes_both_graphs(write_recipe, tmp_path, capsys):
+    target = tmp_path / "graphs.txt"
+    assert main(["graph", str(write_recipe()), "-o", str(target)]) == 0
+    text = target.read_text()
+    assert text.strip() == capsys.readouterr().out.strip()
+    assert "== teacher graph" in text and "== student graph" in text
+    assert "<- tap 'layers.2'" in text and "<- tap 'layers.1'" in text
+    teacher = text.split("== student graph")[0]
+    assert "layers.3" in teacher and "head" in teacher  # kd reads the logits: nothing is cut
+
+
+def test_graph_of_a_feature_only_recipe_shows_the_truncated_teacher(write_recipe, capsys):
+    text = FAST_RECIPE.replace("  - name: kd\n    weight: 0.5\n    temperature: 2.0\n", "")
+    assert main(["graph", str(write_recipe(text))]) == 0
+    teacher = capsys.readouterr().out.split("== student graph")[0]
+    assert "layers.2" in teacher and "layers.3" not in teacher and "head" not in teacher
+
+
+def test_help_shows_examples_and_module_entry_point(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "compressor", "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0 and "compress examples/digits/recipe.yaml" in result.stdout
+    assert "validate" in result.stdout and "plugins" in result.stdout
+
+
+def test_symbolic_trace_capture_method_runs_too(write_recipe, tmp_path, capsys):
+    path = write_recipe()
+    assert main([str(path), "--quiet", "capture.method=symbolic_trace", "train.steps=5"]) == 0
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["exports"][0]["ok"]
+
+
+def test_student_with_batchnorm_and_dropout_exports_in_eval_form(write_recipe, tmp_path, capsys):
+    text = FAST_RECIPE.replace(
+        "{width: 8, depth: 2}", "{width: 8, depth: 2, dropout: 0.5, norm: true}"
+    )
+    assert main([str(write_recipe(text)), "--quiet", "train.steps=10"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["exports"][0]["max_abs_diff"] < 1e-4  # dropout off, running statistics used
+    assert TINY.exists()

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compressor.cuda.kernels import kernel
+from compressor.losses import LossInputs
+
+
+def _make(registry, name: str, **options):
+    return registry.create("loss", name, options)
+
+
+def _inputs(student: dict, teacher: dict, target=None) -> LossInputs:
+    return LossInputs(student, teacher, target)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kd_is_t_squared_kl_of_softened_distributions(registry, temperature):
+    torch.manual_seed(0)
+    s, t = torch.randn(7, 11, requires_grad=True), torch.randn(7, 11)
+    loss = _make(registry, "kd", temperature=temperature)(_inputs({"output": s}, {"output": t}))
+    expected = F.kl_div(
+        F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1), reduction="batchmean"
+    )
+    torch.testing.assert_close(loss, expected * temperature**2)
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_kd_is_zero_for_identical_logits_and_reads_taps_when_asked(registry):
+    z = torch.randn(4, 5)
+    kd = _make(registry, "kd", student="head", teacher="classifier")
+    assert kd.reads() == {"student": ["head"], "teacher": ["classifier"]}
+    assert float(kd(_inputs({"head": z}, {"classifier": z}))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_kernel_handles_sequence_logits_as_rows():
+    s, t = torch.randn(2, 3, 9), torch.randn(2, 3, 9)
+    rows = kernel("kl_divergence")(s.reshape(6, 9), t.reshape(6, 9), 2.0)
+    torch.testing.assert_close(kernel("kl_divergence")(s, t, 2.0), rows)
+
+
+def test_unknown_kernel_names_what_is_registered():
+    with pytest.raises(KeyError, match="reference"):
+        kernel("kl_divergence", "triton-nope")
+
+
+def test_ce_matches_cross_entropy_and_needs_no_teacher(registry):
+    logits, target = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    ce = _make(registry, "ce", label_smoothing=0.1)
+    assert ce.reads() == {"student": ["output"], "teacher": []}
+    torch.testing.assert_close(
+        ce(_inputs({"output": logits}, {}, target)),
+        F.cross_entropy(logits, target, label_smoothing=0.1),
+    )
+    with pytest.raises(ValueError, match="labels"):
+        ce(_inputs({"output": logits}, {}, None))
+
+
+def test_feature_mse_learns_a_projection_when_widths_differ(registry):
+    mse = _make(registry, "feature_mse", student="a", teacher="b")
+    mse.setup({"a": (8, 16)}, {"b": (8, 32)})
+    assert isinstance(mse.projection, torch.nn.Linear) and mse.projection.weight.shape == (32, 16)
+    s, t = torch.randn(8, 16, requires_grad=True), torch.randn(8, 32)
+    loss = mse(_inputs({"a": s}, {"b": t}))
+    torch.testing.assert_close(loss, F.mse_loss(mse.projection(s), t))
+    loss.backward()
+    assert mse.projection.weight.grad is not None and s.grad is not None
+
+
+def test_feature_mse_without_projection_when_widths_match(registry):
+    mse = _make(registry, "feature_mse", student="a", teacher="b")
+    mse.setup({"a": (4, 3, 5)}, {"b": (4, 3, 5)})
+    assert mse.projection is None and not list(mse.parameters())
+    s, t = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    torch.testing.assert_close(mse(_inputs({"a": s}, {"b": t})), F.mse_loss(s, t))
+
+
+def test_conv_features_get_a_1x1_projection_and_pooling_to_the_teacher_size(registry):
+    mse = _make(registry, "feature_mse", student="a", teacher="b")
+    mse.setup({"a": (2, 4, 8, 8)}, {"b": (2, 16, 4, 4)})
+    assert isinstance(mse.projection, torch.nn.Conv2d) and mse.projection.kernel_size == (1, 1)
+    s, t = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 4, 4)
+    expected = F.mse_loss(F.adaptive_avg_pool2d(mse.projection(s), (4, 4)), t)
+    torch.testing.assert_close(mse(_inputs({"a": s}, {"b": t})), expected)
+
+
+def test_feature_cosine_is_one_minus_cosine_along_channels(registry):
+    cos = _make(registry, "feature_cosine", student="a", teacher="b")
+    cos.setup({"a": (3, 6, 2, 2)}, {"b": (3, 6, 2, 2)})
+    s = torch.randn(3, 6, 2, 2)
+    assert float(cos(_inputs({"a": s}, {"b": 2 * s}))) == pytest.approx(0.0, abs=1e-6)
+    assert float(cos(_inputs({"a": s}, {"b": -s}))) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_feature_losses_explain_bad_shapes(registry):
+    mse = _make(registry, "feature_mse", student="a", teacher="b", projection="none")
+    with pytest.raises(ValueError, match="projection is 'none'"):
+        mse.setup({"a": (2, 4)}, {"b": (2, 8)})
+    with pytest.raises(ValueError, match="same rank"):
+        _make(registry, "feature_mse", student="a", teacher="b").setup(
+            {"a": (2, 4)}, {"b": (2, 4, 4)}
+        )

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize(
+    ("name", "torch_class"),
+    [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)],
+)
+def test_optimizers_build_with_recipe_options(registry, name, torch_class):
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = registry.create("optimizer", name, {"lr": 0.5, "weight_decay": 0.1}).build([param])
+    assert type(optimizer) is torch_class
+    assert (
+        optimizer.param_groups[0]["lr"] == 0.5 and optimizer.param_groups[0]["weight_decay"] == 0.1
+    )
+
+
+def test_schedules_warm_up_then_decay(registry):
+    cosine = registry.create("schedule", "cosine", {"warmup_steps": 4})
+    assert [cosine.factor(s, 104) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert cosine.factor(4, 104) == 1.0
+    assert cosine.factor(54, 104) == pytest.approx(0.5)
+    assert cosine.factor(104, 104) == pytest.approx(0.0, abs=1e-12)
+    linear = registry.create("schedule", "linear", {})
+    assert linear.factor(25, 100) == pytest.approx(0.75)
+    constant = registry.create("schedule", "constant", {"warmup_steps": 2})
+    assert [constant.factor(s, 10) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_schedule_drives_the_learning_rate(registry):
+    param = torch.nn.Parameter(torch.ones(1))
+    optimizer = registry.create("optimizer", "sgd", {"lr": 1.0, "momentum": 0.0}).build([param])
+    scheduler = registry.create("schedule", "cosine", {}).build(optimizer, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 1.0 and lrs[5] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs == sorted(lrs, reverse=True)

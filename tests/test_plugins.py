@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import FAST_RECIPE, TESTS
+
+from compressor.cli import main
+from compressor.errors import PluginError
+from compressor.plugin_manager import AUTOLOAD_ENV
+from compressor.registry import Registry
+
+BUILTIN = {
+    "capture",
+    "loaders",
+    "losses",
+    "optim",
+    "onnx",
+    "report",
+    "tap",
+    "truncate_teacher",
+    "strip",
+}
+
+
+def test_builtins_load_through_entry_points(registry):
+    assert {p.name for p in registry.plugins} >= BUILTIN
+    assert all(p.distribution == "compressor" for p in registry.plugins if p.name in BUILTIN)
+    assert registry.names("loss") == ["ce", "feature_cosine", "feature_mse", "kd"]
+    assert registry.names("graph_pass") == ["strip", "tap", "truncate_teacher"]
+    assert registry.components["loss"]["kd"].plugin == "losses"
+
+
+def test_plugins_command_lists_origin_and_what_each_provides(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "losses  (compressor 0.1.0; compressor.plugins.losses)" in out
+    assert "    loss: ce, feature_cosine, feature_mse, kd" in out
+    assert "    graph pass: truncate_teacher" in out and "hooks: compressor_graph_passes" in out
+
+
+def test_disabling_a_builtin_removes_what_it_provides(write_recipe, capsys):
+    registry = Registry.load(disabled=["losses"])
+    assert registry.names("loss") == []
+    assert main(["-p", "no:losses", "validate", str(write_recipe())]) == 2
+    assert "unknown loss 'kd'" in capsys.readouterr().err
+
+
+def _fake_distribution(root: Path, name: str, modules: dict[str, str]) -> None:
+    """A distribution on sys.path the way pip leaves one: modules plus a dist-info folder."""
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = "".join(f"{module} = {module}\n" for module in modules)
+    (info / "entry_points.txt").write_text(f"[compressor.plugins]\n{lines}")
+
+
+BROKEN = {
+    "fails_on_import": (
+        "raise ImportError('needs libfoo')",
+        "plugin 'fails_on_import' (broken 1.0) failed to import 'fails_on_import': ImportError: needs libfoo",
+    ),
+    "bad_signature": (
+        "from compressor import hookimpl\n@hookimpl\ndef compressor_losses(color):\n    return []",
+        "plugin 'bad_signature' (broken 1.0) registers a bad hook",
+    ),
+    "unknown_hook": (
+        "from compressor import hookimpl\n@hookimpl\ndef compressor_loses():\n    return []",
+        "plugin 'unknown_hook' (broken 1.0) defines unknown hook 'compressor_loses' (did you mean 'compressor_losses'?)",
+    ),
+    "not_a_component": (
+        "from compressor import hookimpl\n@hookimpl\ndef compressor_losses():\n    return [dict]",
+        "plugin 'not_a_component', hook compressor_losses: returned <class 'dict'>, which is not a LossTerm subclass",
+    ),
+    "duplicate_name": (
+        "from compressor import hookimpl\nfrom compressor.plugins.losses import LogitKD\n"
+        "class KD(LogitKD):\n    pass\n@hookimpl\ndef compressor_losses():\n    return [KD]",
+        "loss 'kd' is provided by two plugins",
+    ),
+}
+
+
+@pytest.mark.parametrize("module", sorted(BROKEN))
+def test_a_broken_plugin_is_named_with_its_hook_and_can_be_disabled(module, tmp_path, monkeypatch):
+    source, expected = BROKEN[module]
+    _fake_distribution(tmp_path, "broken", {module: source})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError) as info:
+        Registry.load()
+    assert expected in str(info.value)
+    assert module not in {p.name for p in Registry.load(disabled=[module]).plugins}
+    monkeypatch.setenv(AUTOLOAD_ENV, "1")
+    assert {p.name for p in Registry.load().plugins} == BUILTIN
+
+
+def test_unknown_dash_p_plugin_is_an_error():
+    with pytest.raises(
+        PluginError, match="-p nosuchplugin: no plugin entry point or importable module"
+    ):
+        Registry.load(enabled=["nosuchplugin"])
+
+
+@pytest.fixture(scope="module")
+def installed_demo(tmp_path_factory) -> Path:
+    """tests/plugin_pkg installed the way a user would, into a folder outside the repo."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(TESTS / "plugin_pkg"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return target
+
+
+def _compress(
+    site: Path, cwd: Path, *args: str, autoload: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop(AUTOLOAD_ENV, None)
+    if not autoload:
+        env[AUTOLOAD_ENV] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "compressor", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_an_installed_third_party_plugin_shows_up_and_works_in_a_recipe(
+    installed_demo, write_recipe, tmp_path
+):
+    listing = _compress(installed_demo, tmp_path, "plugins")
+    assert listing.returncode == 0, listing.stderr
+    assert "demo  (compressor-demo-plugin 0.2.0; compressor_demo_plugin)" in listing.stdout
+    assert (
+        "    graph pass: gelu_activations" in listing.stdout
+        and "    loss: logit_l1" in listing.stdout
+    )
+
+    text = (
+        FAST_RECIPE.replace("losses:\n", "losses:\n  - name: logit_l1\n    scale: 0.1\n")
+        + "passes:\n  - name: gelu_activations\n"
+    )
+    path = write_recipe(text)
+    run = _compress(installed_demo, tmp_path, str(path), "--quiet", "train.steps=10")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "logit_l1" in [loss["name"] for loss in report["losses"]]
+    assert "logit_l1" in (tmp_path / "run" / "metrics.jsonl").read_text()
+    ops = {node.op_type for node in onnx.load(report["exports"][0]["path"]).graph.node}
+    assert "Gelu" in ops and "Relu" not in ops  # the plugin's rewrite is in the deployed student
+    assert report["exports"][0]["ok"]
+
+    disabled = _compress(installed_demo, tmp_path, "-p", "no:demo", "validate", str(path))
+    assert disabled.returncode == 2 and "unknown loss 'logit_l1'" in disabled.stderr
+    no_autoload = _compress(installed_demo, tmp_path, "plugins", autoload=False)
+    assert "demo" not in no_autoload.stdout and "losses" in no_autoload.stdout
+    explicit = _compress(installed_demo, tmp_path, "-p", "demo", "plugins", autoload=False)
+    assert "gelu_activations" in explicit.stdout
