@@ -117,7 +117,11 @@ def _session(path: Path):  # type: ignore[no-untyped-def]
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+    # CUDA when onnxruntime-gpu has it, else CPU; never TensorRT's provider, which would
+    # build an engine on every session.
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 @hookimpl

@@ -9,11 +9,16 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 from conftest import FAST_RECIPE, TESTS
 
+from compressor import hookimpl
 from compressor.cli import main
-from compressor.errors import PluginError
+from compressor.errors import PluginError, RecipeErrors
+from compressor.module_pass import ModulePass
+from compressor.plan import build_plan
 from compressor.plugin_manager import AUTOLOAD_ENV
+from compressor.recipe import load_recipe
 from compressor.registry import Registry
 
 BUILTIN = {
@@ -178,3 +183,38 @@ def test_an_installed_third_party_plugin_shows_up_and_works_in_a_recipe(
     assert "demo" not in no_autoload.stdout and "losses" in no_autoload.stdout
     explicit = _compress(installed_demo, tmp_path, "-p", "demo", "plugins", autoload=False)
     assert "gelu_activations" in explicit.stdout
+
+
+class ReluToGelu(ModulePass):
+    """Swap the student's ReLU modules for GELU before capture."""
+
+    name = "relu_to_gelu"
+
+    def __call__(self, module, context):
+        for parent in module.modules():
+            for child_name, child in parent.named_children():
+                if isinstance(child, torch.nn.ReLU):
+                    setattr(parent, child_name, torch.nn.GELU())
+        return module
+
+
+class RecipeRules:
+    @hookimpl
+    def compressor_module_passes(self):
+        return [ReluToGelu]
+
+    @hookimpl
+    def compressor_validate_recipe(self, recipe):
+        return ["seed must be even in this lab"] if recipe.seed % 2 else []
+
+
+def test_module_passes_and_recipe_checks_from_a_plugin(write_recipe):
+    registry = Registry.load(extra=(RecipeRules(),))
+    path = write_recipe(FAST_RECIPE + "module_passes:\n  - name: relu_to_gelu\n")
+    plan = build_plan(load_recipe(path), registry)
+    targets = {str(n.target) for n in plan.student_graph.graph.nodes}
+    assert any("gelu" in t for t in targets) and not any("relu" in t for t in targets)
+    teacher_targets = {str(n.target) for n in plan.teacher_graph.graph.nodes}
+    assert any("relu" in t for t in teacher_targets)  # target: student only
+    with pytest.raises(RecipeErrors, match="seed must be even in this lab"):
+        build_plan(load_recipe(path, ["seed=1"]), registry)
