@@ -1,32 +1,243 @@
-"""Kernel selection: `kernel(op, impl)`.
+"""Distillation-loss kernels behind one API, selected by implementation name.
 
-`reference` is plain fp32 PyTorch: the CPU path today and the oracle every faster
-implementation (compiled, chunked, Triton) is tested against when it is added.
+- `reference`: plain fp32 PyTorch with autograd: the oracle, and the fallback.
+- `compiled`:  torch.compile of the reference formula.
+- `chunked`:   an autograd Function computing the gradient in the forward over row chunks
+               sized in bytes; the per-chunk math is compiled where torch.compile works.
+- `triton`:    Triton kernels (NVIDIA GPUs; CPU tensors under TRITON_INTERPRET=1).
+- `auto`:      triton on CUDA when it imports, else chunked. If the automatic choice fails
+               at run time, the call falls back to the reference with a warning.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from compressor.cuda import reference
+from compressor.cuda import chunked, reference
+from compressor.cuda.fused_linear import DEFAULT_MEMORY_BUDGET, fused_linear_divergence
+from compressor.cuda.rowwise import compiled_row_fn, row_weights, weighted_rows_and_grad
 
-Kernel = Callable[..., torch.Tensor]
-
-IMPLEMENTATIONS: dict[str, dict[str, Kernel]] = {
-    "reference": {
-        "kl_divergence": reference.kl_divergence,
-        "feature_mse": reference.feature_mse,
-        "feature_cosine": reference.feature_cosine,
-    },
-}
+IMPLEMENTATIONS = ("reference", "compiled", "chunked", "triton")
+CHOICES = ("auto", *IMPLEMENTATIONS)
+_failed_automatic: set[tuple[str, str]] = set()
 
 
-def kernel(op: str, impl: str = "reference") -> Kernel:
-    """The `op` kernel of implementation `impl`; an unknown pair is an error listing what exists."""
-    table = IMPLEMENTATIONS.get(impl)
-    if table is None or op not in table:
-        have = {name: sorted(ops) for name, ops in IMPLEMENTATIONS.items()}
-        raise KeyError(f"no {op!r} kernel in implementation {impl!r}; registered: {have}")
-    return table[op]
+def unavailable_reason(impl: str, device: torch.device) -> str | None:
+    """Why `impl` cannot run on `device` here, or None when it can."""
+    if impl not in IMPLEMENTATIONS:
+        return f"unknown implementation {impl!r}; registered: {', '.join(IMPLEMENTATIONS)}"
+    if impl == "compiled" and compiled_row_fn() is None:
+        return "torch.compile does not work on this machine"
+    if impl == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "the triton package is not installed"
+        if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+            return f"Triton kernels need a CUDA device (got {device.type}; TRITON_INTERPRET=1 runs them on CPU for tests)"
+    return None
+
+
+def resolve(impl: str, device: torch.device) -> str:
+    """The implementation that will run; an explicit choice that cannot run is an error."""
+    if impl == "auto":
+        return (
+            "triton"
+            if unavailable_reason("triton", device) is None and device.type == "cuda"
+            else "chunked"
+        )
+    reason = unavailable_reason(impl, device)
+    if reason is not None:
+        raise RuntimeError(
+            f"loss implementation {impl!r} cannot run: {reason}. Choose one of: {', '.join(CHOICES)}"
+        )
+    return impl
+
+
+def _dispatch(
+    op: str,
+    impl: str,
+    device: torch.device,
+    run: Callable[[str], torch.Tensor],
+    fallback: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    chosen = resolve(impl, device)
+    if impl != "auto" or chosen == "reference":
+        return run(chosen)
+    if (op, chosen) in _failed_automatic:
+        return fallback()
+    try:
+        return run(chosen)
+    except Exception as exc:
+        _failed_automatic.add((op, chosen))
+        warnings.warn(
+            f"{op}: automatic implementation {chosen!r} failed ({type(exc).__name__}: {exc}); using the reference from now on",
+            stacklevel=3,
+        )
+        return fallback()
+
+
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    t2_scale: bool = True,
+    mask: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Mean divergence over valid rows of [..., V] logits (see `reference` for the kinds)."""
+    if kind not in reference.DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(reference.DIVERGENCES)}")
+    options: dict[str, Any] = dict(
+        kind=kind, beta=beta, temperature=temperature, t2_scale=t2_scale, mask=mask
+    )
+
+    def run(name: str) -> torch.Tensor:
+        if name == "reference":
+            return reference.divergence(student_logits, teacher_logits, **options)
+        if name == "compiled":
+            return _compiled_divergence()(student_logits, teacher_logits, **options)
+        if name == "chunked":
+            return chunked.divergence(student_logits, teacher_logits, **options)
+        vocab = student_logits.shape[-1]
+        s, t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab).detach()
+        weights = row_weights(s.shape[0], mask, temperature**2 if t2_scale else 1.0, s.device)
+        return chunked.ChunkedDivergence.apply(
+            s, t, weights, kind, beta, temperature, s.shape[0], _triton().divergence_rows
+        )  # type: ignore[no-any-return]
+
+    return _dispatch("divergence", impl, student_logits.device, run, lambda: run("reference"))
+
+
+def linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    t2_scale: bool = True,
+    mask: torch.Tensor | None = None,
+    impl: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
+    """Divergence of lm_head outputs from hidden states [..., H] and weights [V, H]; every
+    implementation but `reference`/`compiled` works chunk by chunk within `memory_budget`."""
+    options: dict[str, Any] = dict(
+        kind=kind, beta=beta, temperature=temperature, t2_scale=t2_scale, mask=mask
+    )
+    args = (student_hidden, student_weight, teacher_hidden, teacher_weight)
+
+    def run(name: str) -> torch.Tensor:
+        if name in ("reference", "compiled"):
+            fn = reference.linear_divergence if name == "reference" else _compiled_linear()
+            return fn(*args, student_bias=student_bias, teacher_bias=teacher_bias, **options)
+        row_fn = (
+            _triton().divergence_rows
+            if name == "triton"
+            else (compiled_row_fn() or weighted_rows_and_grad)
+        )
+        rows = student_hidden.reshape(-1, student_hidden.shape[-1]).shape[0]
+        weights = row_weights(
+            rows, mask, temperature**2 if t2_scale else 1.0, student_hidden.device
+        )
+        return fused_linear_divergence(
+            *args,
+            student_bias,
+            teacher_bias,
+            weights,
+            kind,
+            beta,
+            temperature,
+            memory_budget,
+            row_fn,
+        )
+
+    return _dispatch(
+        "linear_divergence", impl, student_hidden.device, run, lambda: run("reference")
+    )
+
+
+def feature_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    kind: str = "mse",
+    dim: int = -1,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """mse / cosine / l1_normalized between features (see `reference.feature_loss`)."""
+    if kind not in reference.FEATURE_LOSSES:
+        raise ValueError(
+            f"unknown feature loss {kind!r}; known: {', '.join(reference.FEATURE_LOSSES)}"
+        )
+
+    def run(name: str) -> torch.Tensor:
+        if name == "reference":
+            return reference.feature_loss(student, teacher, kind, dim)
+        if name in ("compiled", "chunked"):  # a single fused pass is what compiling gives here
+            return _compiled_feature()(student, teacher, kind, dim)
+        return _TritonFeature.apply(student, teacher.detach(), kind, dim)  # type: ignore[no-any-return]
+
+    return _dispatch("feature_loss", impl, student.device, run, lambda: run("reference"))
+
+
+@functools.cache
+def _compiled_divergence() -> Callable[..., torch.Tensor]:
+    return torch.compile(reference.divergence, dynamic=True)  # type: ignore[return-value]
+
+
+@functools.cache
+def _compiled_linear() -> Callable[..., torch.Tensor]:
+    return torch.compile(reference.linear_divergence, dynamic=True)  # type: ignore[return-value]
+
+
+@functools.cache
+def _compiled_feature() -> Callable[..., torch.Tensor]:
+    return torch.compile(reference.feature_loss, dynamic=True)  # type: ignore[return-value]
+
+
+def _triton() -> Any:
+    from compressor.cuda import triton_kernels
+
+    return triton_kernels
+
+
+class _TritonFeature(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, student: torch.Tensor, teacher: torch.Tensor, kind: str, dim: int
+    ) -> torch.Tensor:  # type: ignore[override]
+        # rows along `dim`: move it last, keep a contiguous [R, D] view
+        s = student.movedim(dim, -1).contiguous()
+        t = teacher.movedim(dim, -1).contiguous()
+        shape = s.shape
+        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
+        loss = _triton().feature_rows(
+            s.reshape(-1, shape[-1]),
+            t.reshape(-1, shape[-1]),
+            kind,
+            grad.view(-1, shape[-1]) if grad is not None else None,
+        )
+        ctx.save_for_backward(grad)
+        ctx.dim = dim
+        return loss  # type: ignore[no-any-return]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None
+        grad = grad.movedim(-1, ctx.dim)
+        if not bool(grad_output == 1.0):
+            grad = grad * grad_output.to(grad.dtype)
+        return grad, None, None, None

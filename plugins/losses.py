@@ -1,4 +1,5 @@
-"""Built-in loss terms: Hinton logit KD, ground-truth cross entropy, feature MSE and cosine."""
+"""Built-in loss terms: logit distillation (Hinton KD and the divergence family), ground-truth
+cross entropy, and feature losses (MSE, cosine, normalised L1) with learned projections."""
 
 from __future__ import annotations
 
@@ -9,20 +10,27 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from compressor.cuda.kernels import kernel
+from compressor.cuda import kernels
 from compressor.hookspecs import hookimpl
 from compressor.losses import LossInputs, LossTerm, Shapes
+
+# which kernel implementation computes the loss (compressor.cuda.kernels)
+Impl = Literal["auto", "reference", "compiled", "chunked", "triton"]
 
 
 class KDOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     temperature: float = Field(4.0, gt=0)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv", "soft_ce"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1, description="JSD mixing: 0 = forward KL, 1 = reverse KL")
+    t2_scale: bool = Field(True, description="times T^2, so gradients keep their size as T grows")
+    impl: Impl = "auto"
     student: str = "output"
     teacher: str = "output"
 
 
 class LogitKD(LossTerm):
-    """Hinton logit distillation: T^2 * KL(teacher || student) at temperature T."""
+    """Logit distillation: T^2 * divergence(teacher || student) at temperature T (Hinton)."""
 
     name = "kd"
     Options = KDOptions
@@ -30,10 +38,16 @@ class LogitKD(LossTerm):
     def reads(self) -> dict[str, list[str]]:
         return {"student": [self.options.student], "teacher": [self.options.teacher]}
 
-    def forward(self, inputs: LossInputs) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
         o = self.options
-        return kernel("kl_divergence")(
-            inputs.student[o.student], inputs.teacher[o.teacher], o.temperature
+        return kernels.divergence(
+            inputs.student[o.student],
+            inputs.teacher[o.teacher],
+            kind=o.divergence,
+            beta=o.beta,
+            temperature=o.temperature,
+            t2_scale=o.t2_scale,
+            impl=o.impl,
         )
 
 
@@ -53,7 +67,7 @@ class CrossEntropy(LossTerm):
     def reads(self) -> dict[str, list[str]]:
         return {"student": [self.options.student], "teacher": []}
 
-    def forward(self, inputs: LossInputs) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
         if inputs.target is None:
             raise ValueError("loss 'ce' needs labels, and this data has none")
         logits = inputs.student[self.options.student].float()
@@ -65,6 +79,7 @@ class FeatureOptions(BaseModel):
     student: str = Field(description="module path of the student tap")
     teacher: str = Field(description="module path of the teacher tap")
     projection: Literal["auto", "none"] = "auto"
+    impl: Impl = "auto"
 
 
 class _FeatureLoss(LossTerm):
@@ -75,6 +90,7 @@ class _FeatureLoss(LossTerm):
     """
 
     Options = FeatureOptions
+    kernel_kind = "mse"
 
     def reads(self) -> dict[str, list[str]]:
         return {"student": [self.options.student], "teacher": [self.options.teacher]}
@@ -99,39 +115,42 @@ class _FeatureLoss(LossTerm):
                     "and projection is 'none'; set projection: auto"
                 )
             self.projection = (
-                nn.Conv2d(s_width, t_width, kernel_size=1)
-                if self.conv
-                else nn.Linear(s_width, t_width)
+                nn.Conv2d(s_width, t_width, 1) if self.conv else nn.Linear(s_width, t_width)
             )
 
-    def aligned(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
         s = inputs.student[self.options.student]
         t = inputs.teacher[self.options.teacher]
         if self.projection is not None:
             s = self.projection(s)
         if self.pool_to is not None:
             s = F.adaptive_avg_pool2d(s, self.pool_to)
-        return s, t
+        return kernels.feature_loss(
+            s, t, kind=self.kernel_kind, dim=self.feature_dim, impl=self.options.impl
+        )
 
 
 class FeatureMSE(_FeatureLoss):
     """Mean squared error between student and teacher features (projected if widths differ)."""
 
     name = "feature_mse"
-
-    def forward(self, inputs: LossInputs) -> torch.Tensor:  # type: ignore[override]
-        return kernel("feature_mse")(*self.aligned(inputs))
+    kernel_kind = "mse"
 
 
 class FeatureCosine(_FeatureLoss):
     """1 - cosine similarity of student and teacher features along the feature dimension."""
 
     name = "feature_cosine"
+    kernel_kind = "cosine"
 
-    def forward(self, inputs: LossInputs) -> torch.Tensor:  # type: ignore[override]
-        return kernel("feature_cosine")(*self.aligned(inputs), dim=self.feature_dim)
+
+class FeatureL1(_FeatureLoss):
+    """L1 distance between L2-normalised student and teacher features (DMAE's feature loss)."""
+
+    name = "feature_l1"
+    kernel_kind = "l1_normalized"
 
 
 @hookimpl
 def compressor_losses() -> list[type]:
-    return [LogitKD, CrossEntropy, FeatureMSE, FeatureCosine]
+    return [LogitKD, CrossEntropy, FeatureMSE, FeatureCosine, FeatureL1]

@@ -37,7 +37,7 @@ BUILTIN = {
 def test_builtins_load_through_entry_points(registry):
     assert {p.name for p in registry.plugins} >= BUILTIN
     assert all(p.distribution == "compressor" for p in registry.plugins if p.name in BUILTIN)
-    assert registry.names("loss") == ["ce", "feature_cosine", "feature_mse", "kd"]
+    assert registry.names("loss") == ["ce", "feature_cosine", "feature_l1", "feature_mse", "kd"]
     assert registry.names("graph_pass") == ["strip", "tap", "truncate_teacher"]
     assert registry.components["loss"]["kd"].plugin == "losses"
 
@@ -46,7 +46,7 @@ def test_plugins_command_lists_origin_and_what_each_provides(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "losses  (compressor 0.1.0; compressor.plugins.losses)" in out
-    assert "    loss: ce, feature_cosine, feature_mse, kd" in out
+    assert "    loss: ce, feature_cosine, feature_l1, feature_mse, kd" in out
     assert "    graph pass: truncate_teacher" in out and "hooks: compressor_graph_passes" in out
 
 

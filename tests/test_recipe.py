@@ -59,7 +59,7 @@ def test_unknown_loss_lists_registered_losses_with_a_suggestion(write_recipe, re
         f"{path}:{_line_of(path, 'kd_loss')}:11 (losses[0].name): unknown loss 'kd_loss' (did you mean 'kd'?)"
         in message
     )
-    assert "allowed: ce, feature_cosine, feature_mse, kd" in message
+    assert "allowed: ce, feature_cosine, feature_l1, feature_mse, kd" in message
 
 
 def test_bad_loss_option_names_the_loss_and_its_options(write_recipe, registry):
@@ -68,7 +68,10 @@ def test_bad_loss_option_names_the_loss_and_its_options(write_recipe, registry):
     assert (
         "(losses[0].temprature): unknown key 'temprature' (did you mean 'temperature'?)" in message
     )
-    assert "allowed: student, teacher, temperature" in message and "[loss 'kd']" in message
+    assert (
+        "allowed: beta, divergence, impl, student, t2_scale, teacher, temperature" in message
+        and "[loss 'kd']" in message
+    )
 
 
 def test_unknown_pass(write_recipe, registry):
