@@ -2,6 +2,7 @@
 
     python -m compressor.bench losses            all cases (GPU rows need an NVIDIA GPU)
     python -m compressor.bench losses --quick    smaller shapes, for a smoke run
+    python -m compressor.bench partial           DMAE partial teacher execution: FLOPs, time
 
 Each (case, method) runs in its own subprocess so peak memory is its own: on CPU the peak
 resident set after a warm-up (glibc told to return freed blocks at once, the high-water
@@ -204,6 +205,63 @@ def bench_losses(quick: bool) -> None:
         print()
 
 
+def bench_partial(
+    model: str, block: str, ratio: float, batch: int, reps: int
+) -> dict[str, tuple[int, float]]:
+    """Teacher forward cost: (a) whole, (b) truncated after `block`, (c) (b) on the visible
+    tokens only. All three are symbolic_trace captures run through the real passes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from compressor.capture import capture_module
+    from compressor.graph_pass import PassContext, call_graph, draw_graph_inputs, run_passes
+    from compressor.loading import _import_file
+    from compressor.registry import Registry
+
+    file, _, function = model.rpartition(":")
+    torch.manual_seed(0)
+    teacher = getattr(_import_file(Path(file)), function)().eval()
+    x = torch.randn(batch, 1, 8, 8)
+    registry = Registry.load()
+    cases = {
+        "(a) full teacher, all tokens": [],
+        f"(b) truncated after {block}": ["tap", "truncate_teacher"],
+        f"(c) truncated + {ratio:.0%} of patches masked": ["mae_mask", "tap", "truncate_teacher"],
+    }
+    print(
+        f"teacher {model}: {sum(p.numel() for p in teacher.parameters()):,} parameters, batch {batch}, {torch.get_num_threads()} threads"
+    )
+    rows = {}
+    for label, names in cases.items():
+        gm = capture_module(teacher, (x,), "teacher", "symbolic_trace")
+        passes = [
+            registry.create("graph_pass", n, {"ratio": ratio} if n == "mae_mask" else {})
+            for n in names
+        ]
+        gm = run_passes(
+            gm, passes, PassContext("teacher", [block] if names else [], output_needed=not names)
+        )
+        extra = draw_graph_inputs([gm], batch, x.device)
+        with torch.no_grad():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                call_graph(gm, x, extra)
+            for _ in range(3):
+                call_graph(gm, x, extra)
+            times = []
+            for _ in range(reps):
+                began = time.perf_counter()
+                call_graph(gm, x, extra)
+                times.append(time.perf_counter() - began)
+        rows[label] = (counter.get_total_flops(), statistics.median(times))
+    full_flops, full_time = next(iter(rows.values()))
+    for label, (flops, seconds) in rows.items():
+        print(
+            f"   {label:<42} {flops / 1e9:8.3f} GFLOP ({flops / full_flops:6.1%})"
+            f"   {seconds * 1e3:8.2f} ms ({seconds / full_time:6.1%})"
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_measure":
@@ -214,12 +272,26 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", choices=["losses"])
+    parser.add_argument("suite", choices=["losses", "partial"])
+    parser.add_argument("--quick", action="store_true", help="losses: small shapes, a smoke run")
     parser.add_argument(
-        "--quick", action="store_true", help="small shapes: a smoke run, not the targets"
+        "--model",
+        default="examples/digits/models.py:vit_teacher",
+        help="partial: FILE:FUNCTION building the ViT teacher",
     )
+    parser.add_argument(
+        "--block", default="blocks.3", help="partial: the deepest block a loss reads"
+    )
+    parser.add_argument(
+        "--ratio", type=float, default=0.75, help="partial: fraction of patches masked"
+    )
+    parser.add_argument("--batch", type=int, default=1024, help="partial: images per forward")
+    parser.add_argument("--reps", type=int, default=20, help="partial: timed forwards (median)")
     args = parser.parse_args(argv)
-    bench_losses(args.quick)
+    if args.suite == "losses":
+        bench_losses(args.quick)
+    else:
+        bench_partial(args.model, args.block, args.ratio, args.batch, args.reps)
     return 0
 
 

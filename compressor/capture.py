@@ -58,6 +58,11 @@ def _export(module: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModul
     for node in list(gm.graph.nodes):
         if _is_guard(node) or _is_unused_attribute(node):
             gm.graph.erase_node(node)
+    # ...and so does the pre-hook that checks calls against the exported pytree signature,
+    # which passes may extend (e.g. MAE's patch_keep input).
+    for key, hook in list(gm._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del gm._forward_pre_hooks[key]
     gm.graph._codegen = fx.graph.CodeGen()
     out.args = (structure,)
     gm.delete_all_unused_submodules()

@@ -164,7 +164,8 @@ def describe_plan(recipe: Recipe, registry: Registry) -> str:
         reads = []
         for role, names in bound.term.reads().items():
             gm = graphs[role]
-            assert gm is not None
+            if gm is None:
+                continue
             for name in names:
                 node = original_output(gm) if name == OUTPUT else tapped(gm)[name]
                 reads.append(f"{role}.{name} -> node {node.name} {_shape_text(node_shape(node))}")
@@ -197,10 +198,16 @@ def describe_graphs(recipe: Recipe, registry: Registry) -> str:
 
 
 def _shape_text(shape: tuple[Any, ...] | None) -> str:
-    """Dynamic dimensions (the batch) print as N."""
+    """The batch (dimension 0, dynamic in every captured graph) prints as N."""
     if shape is None:
         return ""
-    return "[" + ", ".join(str(d) if isinstance(d, int) else "N" for d in shape) + "]"
+    return (
+        "["
+        + ", ".join(
+            "N" if i == 0 or not isinstance(d, int) else str(d) for i, d in enumerate(shape)
+        )
+        + "]"
+    )
 
 
 def summarize(report: dict[str, Any], run_dir: Path) -> str:

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from compressor.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from compressor.errors import CompressorError, TrainingStopped
-from compressor.graph_pass import OUTPUT, split_outputs
+from compressor.graph_pass import OUTPUT, call_graph, draw_graph_inputs, split_outputs
 from compressor.loading import collate
 from compressor.losses import LossInputs
 from compressor.optim import OptimizerFactory, ScheduleFactory
@@ -92,7 +92,7 @@ def train(
         last_good = latest_checkpoint(checkpoints)
         if last_good is None:
             raise CompressorError(f"--resume: no checkpoint in {checkpoints}; run without --resume")
-        state = load_checkpoint(last_good, plan.student, losses)
+        state = load_checkpoint(last_good, plan.student_graph, losses)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
@@ -113,7 +113,10 @@ def train(
             "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
         }
-        return save_checkpoint(checkpoints, step, plan.student, losses, state, cfg.keep_checkpoints)
+        # the training graph holds the student's weights and the modules passes added to it
+        return save_checkpoint(
+            checkpoints, step, plan.student_graph, losses, state, cfg.keep_checkpoints
+        )
 
     bar = Progress(cfg.steps, start, enabled=progress)
     began = time.perf_counter()
@@ -123,15 +126,17 @@ def train(
             batch_indices(step, n_train, recipe.data.batch_size, recipe.seed),
             device,
         )
+        # inputs that passes added (MAE's kept patches): one draw shared by both graphs
+        extra = draw_graph_inputs([plan.student_graph, plan.teacher_graph], len(x), device)
         with autocast:
-            s_out, s_taps = split_outputs(
-                plan.student_graph, plan.student_graph(x)
-            )  # logits [B, C]
+            s_result = call_graph(plan.student_graph, x, extra)
+            s_out, s_taps = split_outputs(plan.student_graph, s_result)  # logits [B, C], taps
             student = {OUTPUT: s_out, **s_taps}
             teacher: dict[str, torch.Tensor] = {}
             if plan.teacher_graph is not None:
                 with torch.no_grad():
-                    t_out, t_taps = split_outputs(plan.teacher_graph, plan.teacher_graph(x))
+                    t_result = call_graph(plan.teacher_graph, x, extra)
+                    t_out, t_taps = split_outputs(plan.teacher_graph, t_result)
                 teacher = {OUTPUT: t_out, **t_taps}
             inputs = LossInputs(student, teacher, y)
             terms = {b.label: b.weight * b.term(inputs) for b in plan.losses}

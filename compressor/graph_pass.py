@@ -5,11 +5,19 @@ Conventions every pass shares:
   (torch.export) or the call_module target (symbolic_trace).
 - A tapped graph returns `(original_output, {tap_name: tensor})`; its output node carries
   `TAPS_META`, so the tap structure travels with the graph itself.
-- Nodes added only for distillation carry `SCAFFOLD_META`; `strip` removes them.
+- Nodes added only for distillation carry `SCAFFOLD_META`; `strip` removes them. A scaffold
+  node in the main data path (MAE token masking) sets it to `BYPASS`: strip routes its users
+  to its first argument.
+- Taps named `@name` are not module paths: a pass that lists the name in `provides_taps`
+  creates them (`@ofa`: the OFA branch logits), and the plan adds that pass when a loss
+  reads one.
+- A pass may add graph inputs (placeholders carrying `INPUT_META`, e.g. MAE's kept patch
+  indices); the engine draws each once per batch and feeds the same tensor to both graphs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,7 +30,10 @@ from compressor.errors import PassError
 
 TAPS_META = "compressor_taps"
 SCAFFOLD_META = "compressor_scaffold"
+BYPASS = "bypass"
+INPUT_META = "compressor_input"
 OUTPUT = "output"  # the name a loss uses for a model's own output
+PROVIDED = "@"  # prefix of tap names that passes provide
 
 
 @dataclass
@@ -33,11 +44,13 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What the plan asks of one graph: its role, the taps losses read, whether its output is read."""
+    """What the plan asks of one graph: its role, the taps losses read, whether its output is
+    read; `peer` is the other model's captured graph (before its passes), when there is one."""
 
     role: str
     taps: list[str] = field(default_factory=list)
     output_needed: bool = True
+    peer: fx.GraphModule | None = None
 
 
 class GraphPass(Component):
@@ -46,6 +59,7 @@ class GraphPass(Component):
     kind: ClassVar[str] = "graph_pass"
     runs_after: ClassVar[tuple[str, ...]] = ()
     runs_before: ClassVar[tuple[str, ...]] = ()
+    provides_taps: ClassVar[tuple[str, ...]] = ()  # `@name` taps this pass creates
 
     def __call__(self, gm: fx.GraphModule, context: PassContext) -> PassResult:
         raise NotImplementedError
@@ -77,6 +91,16 @@ def node_shape(node: fx.Node) -> tuple[Any, ...] | None:
     if meta is not None and hasattr(meta, "shape"):
         return tuple(meta.shape)
     return None
+
+
+def token_grid(tokens: int) -> tuple[int | None, int]:
+    """(side, class tokens) when `tokens` is a square patch grid, optionally after one class
+    token; (None, 0) otherwise."""
+    for cls in (0, 1):
+        side = math.isqrt(tokens - cls)
+        if side > 1 and side * side == tokens - cls:
+            return side, cls
+    return None, 0
 
 
 def module_paths(gm: fx.GraphModule) -> list[str]:
@@ -134,6 +158,41 @@ def set_outputs(gm: fx.GraphModule, original: Any, taps: dict[str, fx.Node]) -> 
     else:
         out.args = (original,)
         out.meta.pop(TAPS_META, None)
+
+
+def graph_inputs(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
+    """Inputs added by passes: placeholder name -> how to draw it (`INPUT_META`)."""
+    return {
+        str(n.target): dict(n.meta[INPUT_META])
+        for n in gm.graph.nodes
+        if n.op == "placeholder" and INPUT_META in n.meta
+    }
+
+
+def draw_graph_inputs(
+    graphs: list[fx.GraphModule | None], batch: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One tensor per added input, shared by every graph that takes it (one mask per sample
+    for teacher and student alike). Draws from torch's RNG, so seeding and resume hold."""
+    specs: dict[str, dict[str, Any]] = {}
+    for gm in graphs:
+        for name, spec in (graph_inputs(gm) if gm is not None else {}).items():
+            if specs.setdefault(name, spec) != spec:
+                raise ValueError(
+                    f"graph input {name!r} is drawn differently by the two graphs: {specs[name]} vs {spec}"
+                )
+    out = {}
+    for name, spec in specs.items():
+        if spec["kind"] != "random_keep":
+            raise ValueError(f"graph input {name!r}: unknown kind {spec['kind']!r}")
+        # [batch, keep]: a random subset of token indices per sample, in ascending order
+        order = torch.rand(batch, spec["tokens"]).argsort(dim=1)[:, : spec["keep"]]
+        out[name] = order.sort(dim=1).values.to(device)
+    return out
+
+
+def call_graph(gm: fx.GraphModule, x: torch.Tensor, extra: dict[str, torch.Tensor]) -> Any:
+    return gm(x, **{name: extra[name] for name in graph_inputs(gm)})
 
 
 def split_outputs(gm: fx.GraphModule, result: Any) -> tuple[Any, dict[str, torch.Tensor]]:

@@ -11,14 +11,18 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from compressor.errors import CaptureError, RecipeError, RecipeErrors
 from compressor.graph_pass import (
     OUTPUT,
+    PROVIDED,
     SCAFFOLD_META,
     GraphPass,
     PassContext,
     TapNotFound,
+    draw_graph_inputs,
+    graph_inputs,
     node_shape,
     original_output,
     resolve_tap,
@@ -95,7 +99,8 @@ def build_plan(recipe: Recipe, registry: Registry) -> DistillPlan:
             f"loss {recipe.losses[first].name!r} reads the teacher, but the recipe has no teacher",
             "add a teacher: section, or use only losses that need no teacher (ce)",
         )
-    graph_passes = {role: _bind_passes(recipe, registry, role) for role in ROLES}
+    reads = {role: [n for b in losses for n in b.term.reads()[role]] for role in ROLES}
+    graph_passes = {role: _bind_passes(recipe, registry, role, reads[role]) for role in ROLES}
     module_passes = [
         (
             spec.target,
@@ -148,20 +153,25 @@ def build_plan(recipe: Recipe, registry: Registry) -> DistillPlan:
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
 
-    reads = {role: [n for b in losses for n in b.term.reads()[role]] for role in ROLES}
+    captured: dict[str, fx.GraphModule] = {}
+    for role, module in (("student", student), ("teacher", teacher)):
+        if module is not None:
+            captured[role] = capture(registry, module, example_inputs, role, recipe.capture.method)
+            _check_taps(recipe, captured[role], role, losses, graph_passes[role])
     contexts = {
         role: PassContext(
-            role, [n for n in dict.fromkeys(reads[role]) if n != OUTPUT], OUTPUT in reads[role]
+            role,
+            [n for n in dict.fromkeys(reads[role]) if n != OUTPUT],
+            OUTPUT in reads[role],
+            peer=captured.get("teacher" if role == "student" else "student"),
         )
         for role in ROLES
     }
-    graphs: dict[str, fx.GraphModule] = {}
-    for role, module in (("student", student), ("teacher", teacher)):
-        if module is None:
-            continue
-        gm = capture(registry, module, example_inputs, role, recipe.capture.method)
-        _check_taps(recipe, gm, role, losses)
-        graphs[role] = run_passes(gm, graph_passes[role], contexts[role])
+    graphs = {
+        role: run_passes(gm, graph_passes[role], contexts[role]) for role, gm in captured.items()
+    }
+    for gm in graphs.values():
+        _refresh_shapes(gm, example_inputs, [graphs.get("student"), graphs.get("teacher")])
 
     student_eval_graph = deployable_student(
         registry, student, example_inputs, recipe, graph_passes["student"], contexts["student"]
@@ -252,14 +262,23 @@ def _bind_losses(recipe: Recipe, registry: Registry) -> list[BoundLoss]:
     return out
 
 
-def _bind_passes(recipe: Recipe, registry: Registry, role: str) -> list[GraphPass]:
+def _bind_passes(
+    recipe: Recipe, registry: Registry, role: str, reads: list[str]
+) -> list[GraphPass]:
     passes = [registry.create("graph_pass", name, {}, None, ()) for name in DEFAULT_GRAPH_PASSES]
     for i, spec in enumerate(recipe.passes):
-        if spec.target != role:
+        if spec.target not in (role, "both"):
             continue
         graph_pass = registry.create("graph_pass", spec.name, spec.options, recipe, ("passes", i))
         # a recipe entry replaces the default pass of that name (e.g. `tap` with extra nodes)
         passes = [p for p in passes if p.name != graph_pass.name] + [graph_pass]
+    # a loss reading an `@name` tap brings the pass that provides it, with default options
+    for name in dict.fromkeys(reads):
+        if name.startswith(PROVIDED) and not any(name in p.provides_taps for p in passes):
+            table = registry.components["graph_pass"].values()
+            providers = [p for p in table if name in getattr(p.cls, "provides_taps", ())]
+            if providers:
+                passes.append(registry.create("graph_pass", providers[0].name, {}))
     return passes
 
 
@@ -274,11 +293,19 @@ def _load_model(
     return loader.load(spec, recipe, (role,))
 
 
-def _check_taps(recipe: Recipe, gm: fx.GraphModule, role: str, losses: list[BoundLoss]) -> None:
+def _check_taps(
+    recipe: Recipe, gm: fx.GraphModule, role: str, losses: list[BoundLoss], passes: list[GraphPass]
+) -> None:
+    provided = {name for p in passes for name in p.provides_taps}
     for i, bound in enumerate(losses):
         for name in bound.term.reads()[role]:
-            if name == OUTPUT:
+            if name == OUTPUT or name in provided:
                 continue
+            if name.startswith(PROVIDED):
+                raise RecipeError(
+                    recipe.locate(("losses", i, "name")),
+                    f"loss {bound.label!r} reads {name!r} from the {role}, and no graph pass provides it",
+                )
             try:
                 resolve_tap(gm, name)
             except TapNotFound as exc:
@@ -287,6 +314,19 @@ def _check_taps(recipe: Recipe, gm: fx.GraphModule, role: str, losses: list[Boun
                     f"tap {name!r} is not a module of the {role} graph{did_you_mean(name, exc.available)}",
                     "output, or a module path: " + ", ".join(exc.available),
                 ) from None
+
+
+def _refresh_shapes(
+    gm: fx.GraphModule, example_inputs: tuple[Any, ...], graphs: list[fx.GraphModule | None]
+) -> None:
+    """symbolic_trace graphs carry example shapes (tensor_meta) that passes may have made
+    stale (MAE masking changes the token count): propagate them again. torch.export graphs
+    keep symbolic shapes of their own."""
+    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+        return
+    extra = draw_graph_inputs(graphs, example_inputs[0].shape[0], example_inputs[0].device)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs, *(extra[name] for name in graph_inputs(gm)))
 
 
 def _shapes(gm: fx.GraphModule, names: list[str]) -> Shapes:

@@ -42,7 +42,7 @@ class LossSpec(ComponentSpec):
 
 
 class PassSpec(ComponentSpec):
-    target: Literal["student", "teacher"] = "student"
+    target: Literal["student", "teacher", "both"] = "student"
 
 
 class ModelSpec(Strict):

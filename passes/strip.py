@@ -1,8 +1,9 @@
 """`strip`: remove all distillation scaffolding before export.
 
-Taps are dropped from the outputs and every node marked as scaffolding (branches, projections
-added by passes) is erased with whatever only it used, so the exported student is exactly the
-plain student.
+Taps are dropped from the outputs and every node marked as scaffolding (branches added by
+passes, inputs such as MAE's patch indices) is erased with whatever only it used; scaffolding
+in the main path (MAE's token selection) is bypassed first. The exported student is exactly
+the plain student.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from torch import fx
 
 from compressor.graph_pass import (
+    BYPASS,
     SCAFFOLD_META,
     GraphPass,
     PassContext,
@@ -32,6 +34,9 @@ class Strip(GraphPass):
         if not tapped(gm) and not scaffold:
             return PassResult(gm, modified=False)
         set_outputs(gm, original_output(gm), {})
+        for node in scaffold:
+            if node.meta[SCAFFOLD_META] == BYPASS:
+                node.replace_all_uses_with(node.args[0])
         for node in reversed(scaffold):
             if node.users:
                 error = RuntimeError(

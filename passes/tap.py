@@ -2,6 +2,7 @@
 
 Losses name taps by module path (`features.2`); the plan passes those in the context and the
 recipe may add more with `nodes:`. Each tap is the last node computed inside that module.
+Names starting with `@` belong to the passes that provide them and are skipped here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import fx
 
 from compressor.graph_pass import (
+    PROVIDED,
     GraphPass,
     PassContext,
     PassResult,
@@ -34,7 +36,7 @@ class Tap(GraphPass):
 
     def __call__(self, gm: fx.GraphModule, context: PassContext) -> PassResult:
         taps = tapped(gm)
-        wanted = [*context.taps, *self.options.nodes]
+        wanted = [t for t in (*context.taps, *self.options.nodes) if not t.startswith(PROVIDED)]
         missing = [path for path in dict.fromkeys(wanted) if path not in taps]
         if not missing:
             return PassResult(gm, modified=False)

@@ -151,6 +151,57 @@ class FeatureL1(_FeatureLoss):
     kernel_kind = "l1_normalized"
 
 
+class OFALossOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(1.0, gt=0)
+    eps: list[float] = Field([1.0], description="per branch exponent; one value applies to all")
+    eps_final: float = Field(1.0, gt=0, description="exponent for the student's own logits")
+    final_weight: float = Field(1.0, ge=0, description="w_kd: weight of the final-logit term")
+    branch_weight: float = Field(1.0, ge=0, description="w_ofa: weight of the summed branch terms")
+    t2_scale: bool = Field(False, description="times T^2 (off in the paper, which uses T = 1)")
+
+
+def ofa_term(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    onehot: torch.Tensor,
+    eps: float,
+    temperature: float,
+) -> torch.Tensor:
+    """-sum_c [(p_t + m)^eps - m]_c log p_s,c, averaged over the batch (OFA-KD, eq. 6)."""
+    log_p_s = F.log_softmax(student.float() / temperature, dim=-1)
+    p_t = F.softmax(teacher.float() / temperature, dim=-1)
+    target = (p_t + onehot).pow(eps) - onehot
+    return -(target * log_p_s).sum(-1).mean()
+
+
+class OFALoss(LossTerm):
+    """OFA-KD with adaptive target enhancement, on the final logits and every `@ofa` branch."""
+
+    name = "ofa"
+    Options = OFALossOptions
+
+    def reads(self) -> dict[str, list[str]]:
+        return {"student": ["output", "@ofa"], "teacher": ["output"]}
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        o = self.options
+        if inputs.target is None:
+            raise ValueError("loss 'ofa' needs labels, and this data has none")
+        teacher = inputs.teacher["output"]
+        onehot = F.one_hot(inputs.target, teacher.shape[-1]).float()
+        branches = inputs.student["@ofa"]  # [stages, N, classes]
+        eps = o.eps * len(branches) if len(o.eps) == 1 else o.eps
+        if len(eps) != len(branches):
+            raise ValueError(f"loss 'ofa': {len(o.eps)} eps values for {len(branches)} branches")
+        loss = o.final_weight * ofa_term(
+            inputs.student["output"], teacher, onehot, o.eps_final, o.temperature
+        )
+        for branch, e in zip(branches, eps, strict=True):
+            loss = loss + o.branch_weight * ofa_term(branch, teacher, onehot, e, o.temperature)
+        return loss * (o.temperature**2 if o.t2_scale else 1.0)
+
+
 @hookimpl
 def compressor_losses() -> list[type]:
-    return [LogitKD, CrossEntropy, FeatureMSE, FeatureCosine, FeatureL1]
+    return [LogitKD, CrossEntropy, FeatureMSE, FeatureCosine, FeatureL1, OFALoss]

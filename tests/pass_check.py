@@ -23,7 +23,9 @@ def check_pass(
     modified: bool,
     node_delta: int | None = None,
     same_output: bool = True,
+    inputs_after: tuple[Any, ...] | None = None,
 ) -> fx.GraphModule:
+    """`inputs_after`: what the rewritten graph takes, when the pass added inputs."""
     before_nodes = len(gm.graph.nodes)
     before_code = gm.code
     with torch.no_grad():
@@ -46,7 +48,7 @@ def check_pass(
     assert again.graph_module.code == code
     if same_output:
         with torch.no_grad():
-            output, _ = split_outputs(after, after(*inputs))
+            output, _ = split_outputs(after, after(*(inputs_after or inputs)))
         if reference is not None and output is not None:
             torch.testing.assert_close(output, reference)
     return after
