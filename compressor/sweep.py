@@ -44,20 +44,21 @@ def run_arms(
     out_dir: Path,
     registry: Registry | None = None,
     progress: bool = False,
+    reuse: bool = False,
 ) -> dict[str, ArmResult]:
-    """Every arm x seed, with `output` and `seed` set per run; re-running replaces old runs."""
+    """Every arm x seed, with `output` and `seed` set per run. Old runs are replaced, or with
+    `reuse` kept when finished (their report.json exists): an interrupted sweep resumes."""
     registry = registry or Registry.load()
     results: dict[str, ArmResult] = {}
     for arm, overrides in arms.items():
         results[arm] = ArmResult(arm)
         for seed in seeds:
-            report = run_one(
-                recipe,
-                [*overrides, f"seed={seed}"],
-                out_dir / arm / f"seed{seed}",
-                registry,
-                progress,
-            )
+            folder = out_dir / arm / f"seed{seed}"
+            finished = folder / "report.json"
+            if reuse and finished.is_file():
+                report = json.loads(finished.read_text())
+            else:
+                report = run_one(recipe, [*overrides, f"seed={seed}"], folder, registry, progress)
             results[arm].runs.append(report)
             accuracy = report["models"]["student"]["quality"]["accuracy"]
             print(f"  {arm:<22} seed {seed}: accuracy {accuracy:.4f}", flush=True)

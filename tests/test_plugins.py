@@ -31,14 +31,29 @@ BUILTIN = {
     "tap",
     "truncate_teacher",
     "strip",
+    "ofa_branches",
+    "mae_mask",
 }
 
 
 def test_builtins_load_through_entry_points(registry):
     assert {p.name for p in registry.plugins} >= BUILTIN
     assert all(p.distribution == "compressor" for p in registry.plugins if p.name in BUILTIN)
-    assert registry.names("loss") == ["ce", "feature_cosine", "feature_l1", "feature_mse", "kd"]
-    assert registry.names("graph_pass") == ["strip", "tap", "truncate_teacher"]
+    assert registry.names("loss") == [
+        "ce",
+        "feature_cosine",
+        "feature_l1",
+        "feature_mse",
+        "kd",
+        "ofa",
+    ]
+    assert registry.names("graph_pass") == [
+        "mae_mask",
+        "ofa_branches",
+        "strip",
+        "tap",
+        "truncate_teacher",
+    ]
     assert registry.components["loss"]["kd"].plugin == "losses"
 
 
@@ -46,7 +61,7 @@ def test_plugins_command_lists_origin_and_what_each_provides(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "losses  (compressor 0.1.0; compressor.plugins.losses)" in out
-    assert "    loss: ce, feature_cosine, feature_l1, feature_mse, kd" in out
+    assert "    loss: ce, feature_cosine, feature_l1, feature_mse, kd, ofa" in out
     assert "    graph pass: truncate_teacher" in out and "hooks: compressor_graph_passes" in out
 
 
