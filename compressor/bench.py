@@ -214,12 +214,12 @@ def bench_partial(
 
     from compressor.capture import capture_module
     from compressor.graph_pass import PassContext, call_graph, draw_graph_inputs, run_passes
-    from compressor.loading import _import_file
+    from compressor.loading import import_file
     from compressor.registry import Registry
 
     file, _, function = model.rpartition(":")
     torch.manual_seed(0)
-    teacher = getattr(_import_file(Path(file)), function)().eval()
+    teacher = getattr(import_file(Path(file)), function)().eval()
     x = torch.randn(batch, 1, 8, 8)
     registry = Registry.load()
     cases = {

@@ -64,7 +64,7 @@ def resolve_callable(target: str, recipe: Recipe, path: KeyPath) -> Callable[...
         file = recipe.resolve(module_part)
         if not file.is_file():
             raise RecipeError(where, f"file not found: {file}")
-        module = _import_file(file)
+        module = import_file(file)
     else:
         try:
             module = importlib.import_module(module_part)
@@ -93,7 +93,7 @@ def call_with_kwargs(
     return function(**kwargs)
 
 
-def _import_file(file: Path) -> Any:
+def import_file(file: Path) -> Any:
     name = f"compressor_user_{abs(hash(str(file.resolve())))}"
     if name in sys.modules:
         return sys.modules[name]
