@@ -213,7 +213,7 @@ def bench_partial(
     from torch.utils.flop_counter import FlopCounterMode
 
     from compressor.capture import capture_module
-    from compressor.graph_pass import PassContext, call_graph, draw_graph_inputs, run_passes
+    from compressor.graph_pass import PassContext, draw_graph_inputs, run_passes
     from compressor.loading import import_file
     from compressor.registry import Registry
 
@@ -244,13 +244,13 @@ def bench_partial(
         with torch.no_grad():
             counter = FlopCounterMode(display=False)
             with counter:
-                call_graph(gm, x, extra)
+                gm(x, **extra)
             for _ in range(3):
-                call_graph(gm, x, extra)
+                gm(x, **extra)
             times = []
             for _ in range(reps):
                 began = time.perf_counter()
-                call_graph(gm, x, extra)
+                gm(x, **extra)
                 times.append(time.perf_counter() - began)
         rows[label] = (counter.get_total_flops(), statistics.median(times))
     full_flops, full_time = next(iter(rows.values()))

@@ -19,7 +19,13 @@ from torch import fx, nn
 
 from compressor.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from compressor.errors import CompressorError, TrainingStopped
-from compressor.graph_pass import OUTPUT, call_graph, draw_graph_inputs, split_outputs
+from compressor.graph_pass import (
+    OUTPUT,
+    draw_inputs,
+    graph_input_specs,
+    graph_inputs,
+    split_outputs,
+)
 from compressor.loading import collate
 from compressor.losses import LossInputs
 from compressor.optim import OptimizerFactory, ScheduleFactory
@@ -79,12 +85,19 @@ def train(
     schedule_factory: ScheduleFactory = plan.registry.create(
         "schedule", cfg.schedule.name, cfg.schedule.options
     )
-    optimizer = optimizer_factory.build(plan.trainable_parameters())
+    params = plan.trainable_parameters()
+    optimizer = optimizer_factory.build(params)
     scheduler = schedule_factory.build(optimizer, cfg.steps)
     checkpoints = run_dir / "checkpoints"
     metrics_path = run_dir / METRICS
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     n_train = len(plan.data.train)
+    # inputs that passes added (MAE's kept patches): what to draw, and which graph takes what
+    input_specs = graph_input_specs([plan.student_graph, plan.teacher_graph])
+    student_inputs = list(graph_inputs(plan.student_graph))
+    teacher_inputs = (
+        list(graph_inputs(plan.teacher_graph)) if plan.teacher_graph is not None else []
+    )
 
     run_dir.mkdir(parents=True, exist_ok=True)
     start, last_good = 0, None
@@ -126,16 +139,15 @@ def train(
             batch_indices(step, n_train, recipe.data.batch_size, recipe.seed),
             device,
         )
-        # inputs that passes added (MAE's kept patches): one draw shared by both graphs
-        extra = draw_graph_inputs([plan.student_graph, plan.teacher_graph], len(x), device)
+        extra = draw_inputs(input_specs, len(x), device)  # one draw shared by both graphs
         with autocast:
-            s_result = call_graph(plan.student_graph, x, extra)
+            s_result = plan.student_graph(x, **{n: extra[n] for n in student_inputs})
             s_out, s_taps = split_outputs(plan.student_graph, s_result)  # logits [B, C], taps
             student = {OUTPUT: s_out, **s_taps}
             teacher: dict[str, torch.Tensor] = {}
             if plan.teacher_graph is not None:
                 with torch.no_grad():
-                    t_result = call_graph(plan.teacher_graph, x, extra)
+                    t_result = plan.teacher_graph(x, **{n: extra[n] for n in teacher_inputs})
                     t_out, t_taps = split_outputs(plan.teacher_graph, t_result)
                 teacher = {OUTPUT: t_out, **t_taps}
             inputs = LossInputs(student, teacher, y)
@@ -160,7 +172,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(plan.trainable_parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
 

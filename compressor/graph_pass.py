@@ -169,11 +169,8 @@ def graph_inputs(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
     }
 
 
-def draw_graph_inputs(
-    graphs: list[fx.GraphModule | None], batch: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """One tensor per added input, shared by every graph that takes it (one mask per sample
-    for teacher and student alike). Draws from torch's RNG, so seeding and resume hold."""
+def graph_input_specs(graphs: list[fx.GraphModule | None]) -> dict[str, dict[str, Any]]:
+    """The inputs passes added to any of `graphs`; one spec per name, agreed by all graphs."""
     specs: dict[str, dict[str, Any]] = {}
     for gm in graphs:
         for name, spec in (graph_inputs(gm) if gm is not None else {}).items():
@@ -181,6 +178,14 @@ def draw_graph_inputs(
                 raise ValueError(
                     f"graph input {name!r} is drawn differently by the two graphs: {specs[name]} vs {spec}"
                 )
+    return specs
+
+
+def draw_inputs(
+    specs: dict[str, dict[str, Any]], batch: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One tensor per added input, shared by every graph that takes it (one mask per sample
+    for teacher and student alike). Draws from torch's RNG, so seeding and resume hold."""
     out = {}
     for name, spec in specs.items():
         if spec["kind"] != "random_keep":
@@ -191,8 +196,10 @@ def draw_graph_inputs(
     return out
 
 
-def call_graph(gm: fx.GraphModule, x: torch.Tensor, extra: dict[str, torch.Tensor]) -> Any:
-    return gm(x, **{name: extra[name] for name in graph_inputs(gm)})
+def draw_graph_inputs(
+    graphs: list[fx.GraphModule | None], batch: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    return draw_inputs(graph_input_specs(graphs), batch, device)
 
 
 def split_outputs(gm: fx.GraphModule, result: Any) -> tuple[Any, dict[str, torch.Tensor]]:

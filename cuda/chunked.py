@@ -70,21 +70,16 @@ def divergence(
     temperature: float = 1.0,
     t2_scale: bool = True,
     mask: torch.Tensor | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
     compiled: bool = True,
+    row_fn: RowFn | None = None,
 ) -> torch.Tensor:
+    """`row_fn` computes the rows (default: the compiled or eager PyTorch row math; the Triton
+    path passes its kernel); `chunk_bytes=None` takes all rows in one chunk."""
     vocab = student_logits.shape[-1]
     s = student_logits.reshape(-1, vocab)
     t = teacher_logits.reshape(-1, vocab).detach()
     weights = row_weights(s.shape[0], mask, temperature**2 if t2_scale else 1.0, s.device)
-    row_fn = (compiled_row_fn() if compiled else None) or weighted_rows_and_grad
-    return ChunkedDivergence.apply(
-        s,
-        t,
-        weights,
-        kind,
-        beta,
-        temperature,
-        rows_per_chunk(vocab, chunk_bytes, TEMPORARIES),
-        row_fn,
-    )  # type: ignore[no-any-return]
+    row_fn = row_fn or (compiled_row_fn() if compiled else None) or weighted_rows_and_grad
+    rows = s.shape[0] if chunk_bytes is None else rows_per_chunk(vocab, chunk_bytes, TEMPORARIES)
+    return ChunkedDivergence.apply(s, t, weights, kind, beta, temperature, rows, row_fn)  # type: ignore[no-any-return]

@@ -106,12 +106,14 @@ def divergence(
             return _compiled_divergence()(student_logits, teacher_logits, **options)
         if name == "chunked":
             return chunked.divergence(student_logits, teacher_logits, **options)
-        vocab = student_logits.shape[-1]
-        s, t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab).detach()
-        weights = row_weights(s.shape[0], mask, temperature**2 if t2_scale else 1.0, s.device)
-        return chunked.ChunkedDivergence.apply(
-            s, t, weights, kind, beta, temperature, s.shape[0], _triton().divergence_rows
-        )  # type: ignore[no-any-return]
+        # triton: one program per row over all rows at once, through the same Function
+        return chunked.divergence(
+            student_logits,
+            teacher_logits,
+            **options,
+            chunk_bytes=None,
+            row_fn=_triton().divergence_rows,
+        )
 
     return _dispatch("divergence", impl, student_logits.device, run, lambda: run("reference"))
 
