@@ -17,7 +17,10 @@ from torch.export import Dim
 from torch.fx.passes.shape_prop import ShapeProp
 
 from compressor.errors import CaptureError
-from compressor.graph_pass import output_node
+from compressor.graph_pass import delete_unused_submodules, output_node
+
+# what the model's output is called (`logits`, `last_hidden_state`): exporters name it so
+OUTPUT_NAME_META = "compressor_output_name"
 
 
 def capture_module(
@@ -27,9 +30,9 @@ def capture_module(
     methods = ["export", "symbolic_trace"] if method == "auto" else [method]
     for name in methods:
         try:
-            if name == "export":
-                return _export(module, example_inputs)
-            return _symbolic_trace(module, example_inputs)
+            gm = (_export if name == "export" else _symbolic_trace)(module, example_inputs)
+            gm.meta[OUTPUT_NAME_META] = getattr(module, "output_name", "logits")
+            return gm
         except Exception as exc:
             errors.append(
                 f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -43,13 +46,24 @@ def capture_module(
 
 def _export(module: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
     batch = Dim("batch")
-    dynamic = tuple(
+    args: tuple[Any, ...] = example_inputs
+    kwargs: dict[str, Any] = {}
+    dynamic: Any = tuple(
         pytree.tree_map(lambda x: {0: batch} if isinstance(x, torch.Tensor) else None, arg)
         for arg in example_inputs
     )
+    if len(example_inputs) == 1 and isinstance(example_inputs[0], dict):
+        # named inputs (Hugging Face): batch and sequence axes are dynamic; AUTO lets export
+        # bound the sequence by what the model allows (BERT: its position table)
+        args, kwargs = (), example_inputs[0]
+        dynamic = {
+            k: {0: batch, 1: Dim.AUTO} if v.dim() >= 2 else {0: batch} for k, v in kwargs.items()
+        }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(module, example_inputs, dynamic_shapes=dynamic, strict=False)
+        program = torch.export.export(
+            module, args, kwargs=kwargs, dynamic_shapes=dynamic, strict=False
+        )
     gm = program.module()
     out_spec = gm.graph._codegen.pytree_info.out_spec  # type: ignore[attr-defined]
     out = output_node(gm)
@@ -65,7 +79,7 @@ def _export(module: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModul
             del gm._forward_pre_hooks[key]
     gm.graph._codegen = fx.graph.CodeGen()
     out.args = (structure,)
-    gm.delete_all_unused_submodules()
+    delete_unused_submodules(gm)
     gm.recompile()
     return gm
 
@@ -82,5 +96,8 @@ def _is_unused_attribute(node: fx.Node) -> bool:
 
 def _symbolic_trace(module: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
     gm = fx.symbolic_trace(module)
-    ShapeProp(gm).propagate(*example_inputs)
+    if len(example_inputs) == 1 and isinstance(example_inputs[0], dict):
+        ShapeProp(gm).propagate(*example_inputs[0].values())
+    else:
+        ShapeProp(gm).propagate(*example_inputs)
     return gm

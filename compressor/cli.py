@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compressor.errors import CompressorError, RecipeError, RecipeErrors
 from compressor.graph_pass import OUTPUT, node_module_path, node_shape, original_output, tapped
 from compressor.plugin_manager import AUTOLOAD_ENV
 from compressor.recipe import Recipe, load_recipe
 from compressor.registry import Registry
+
+if TYPE_CHECKING:
+    from compressor.plan import DistillPlan
 
 EXAMPLES = f"""\
 examples:
@@ -148,13 +151,19 @@ def describe_plugins(registry: Registry) -> str:
 
 
 def describe_plan(recipe: Recipe, registry: Registry) -> str:
-    from compressor.plan import build_plan
+    from compressor.plan import plan_stages
 
-    plan = build_plan(recipe, registry)
-    lines = [
-        f"recipe {recipe.path}: valid",
-        f"  data: {len(plan.data.train)} train / {len(plan.data.eval)} eval samples",
-    ]
+    lines = [f"recipe {recipe.path}: valid"]
+    for name, plan in plan_stages(recipe, registry):
+        if name:
+            lines.append(f"stage {name}: {plan.recipe.train.steps} steps")
+        lines += _describe_stage(plan)
+    return "\n".join(lines)
+
+
+def _describe_stage(plan: DistillPlan) -> list[str]:
+    recipe = plan.recipe
+    lines = [f"  data: {len(plan.data.train)} train / {len(plan.data.eval)} eval samples"]
     for role, module in (("teacher", plan.teacher), ("student", plan.student)):
         if module is not None:
             params = sum(p.numel() for p in module.parameters())
@@ -171,30 +180,36 @@ def describe_plan(recipe: Recipe, registry: Registry) -> str:
                 reads.append(f"{role}.{name} -> node {node.name} {_shape_text(node_shape(node))}")
         lines.append(f"  loss {bound.label} (weight {bound.weight}): " + "; ".join(reads))
     lines.append(f"  exporters: {', '.join(s.name for s in recipe.export) or 'none'}")
-    return "\n".join(lines)
+    return lines
 
 
 def describe_graphs(recipe: Recipe, registry: Registry) -> str:
-    from compressor.plan import build_plan
+    from compressor.plan import plan_stages
 
-    plan = build_plan(recipe, registry)
+    out = []
+    for stage, plan in plan_stages(recipe, registry):
+        out += _describe_graphs(plan, f"stage {stage}: " if stage else "")
+    return "\n".join(out)
+
+
+def _describe_graphs(plan: DistillPlan, prefix: str) -> list[str]:
     out = []
     for role, gm in (("teacher", plan.teacher_graph), ("student", plan.student_graph)):
         if gm is None:
             continue
         taps = {node.name: name for name, node in tapped(gm).items()}
-        out.append(f"== {role} graph ({len(gm.graph.nodes)} nodes) ==")
-        out.append(f"{'node':<28} {'op':<14} {'target':<32} {'module':<20} shape")
+        out.append(f"== {prefix}{role} graph ({len(gm.graph.nodes)} nodes) ==")
+        out.append(f"{'node':<28} {'op':<14} {'target':<32} {'module':<36} shape")
         for node in gm.graph.nodes:
             target = str(node.target).removeprefix("aten.")
             shape = _shape_text(node_shape(node))
             mark = f"  <- tap {taps[node.name]!r}" if node.name in taps else ""
             out.append(
-                f"{node.name:<28} {node.op:<14} {target[:32]:<32} {node_module_path(node)[:20]:<20} "
+                f"{node.name:<28} {node.op:<14} {target[:32]:<32} {node_module_path(node)[:36]:<36} "
                 f"{shape}{mark}"
             )
         out.append("")
-    return "\n".join(out)
+    return out
 
 
 def _shape_text(shape: tuple[Any, ...] | None) -> str:

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from compressor.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from compressor.errors import CompressorError, TrainingStopped
+from compressor.evaluate import evaluate
 from compressor.graph_pass import (
     OUTPUT,
     draw_inputs,
@@ -26,7 +27,7 @@ from compressor.graph_pass import (
     graph_inputs,
     split_outputs,
 )
-from compressor.loading import collate
+from compressor.loading import batch_size, call_model, collate
 from compressor.losses import LossInputs
 from compressor.optim import OptimizerFactory, ScheduleFactory
 from compressor.plan import DistillPlan
@@ -39,6 +40,7 @@ class TrainResult:
     run_dir: Path
     steps: int
     final_eval: dict[str, float]
+    initial_eval: dict[str, float] = field(default_factory=dict)  # before the first step
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -51,26 +53,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
     epoch, position = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return order[position * batch_size : (position + 1) * batch_size]
-
-
-def evaluate(
-    model: nn.Module, dataset: Any, batch_size: int, device: torch.device
-) -> dict[str, float]:
-    """Accuracy and cross entropy of `model` (an eval-form graph, or a module switched to eval)."""
-    was_training = model.training
-    if not isinstance(model, fx.GraphModule):  # exported graphs have their mode baked in
-        model.eval()
-    correct, loss_sum, count = 0, 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            x, y = collate(dataset, range(start, min(start + batch_size, len(dataset))), device)
-            logits = model(x).float()
-            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-            count += len(y)
-    if not isinstance(model, fx.GraphModule):
-        model.train(was_training)
-    return {"accuracy": correct / count, "loss": loss_sum / count}
 
 
 def train(
@@ -131,6 +113,18 @@ def train(
             checkpoints, step, plan.student_graph, losses, state, cfg.keep_checkpoints
         )
 
+    def score() -> dict[str, float]:
+        return evaluate(
+            plan.student_eval_graph,
+            plan.data,
+            recipe.data.eval_batch_size,
+            device,
+            plan.reference_embeddings(),
+        )
+
+    initial_scores = score() if start == 0 else {}
+    if initial_scores:  # the student as it starts: what distillation improves on
+        log({"step": 0, **{f"eval/{k}": v for k, v in initial_scores.items()}})
     bar = Progress(cfg.steps, start, enabled=progress)
     began = time.perf_counter()
     for step in range(start, cfg.steps):
@@ -139,18 +133,20 @@ def train(
             batch_indices(step, n_train, recipe.data.batch_size, recipe.seed),
             device,
         )
-        extra = draw_inputs(input_specs, len(x), device)  # one draw shared by both graphs
+        extra = draw_inputs(input_specs, batch_size(x), device)  # one draw for both graphs
         with autocast:
-            s_result = plan.student_graph(x, **{n: extra[n] for n in student_inputs})
+            s_result = call_model(plan.student_graph, x, **{n: extra[n] for n in student_inputs})
             s_out, s_taps = split_outputs(plan.student_graph, s_result)  # logits [B, C], taps
             student = {OUTPUT: s_out, **s_taps}
             teacher: dict[str, torch.Tensor] = {}
             if plan.teacher_graph is not None:
                 with torch.no_grad():
-                    t_result = plan.teacher_graph(x, **{n: extra[n] for n in teacher_inputs})
+                    t_result = call_model(
+                        plan.teacher_graph, x, **{n: extra[n] for n in teacher_inputs}
+                    )
                     t_out, t_taps = split_outputs(plan.teacher_graph, t_result)
                 teacher = {OUTPUT: t_out, **t_taps}
-            inputs = LossInputs(student, teacher, y)
+            inputs = LossInputs(student, teacher, y, x)
             terms = {b.label: b.weight * b.term(inputs) for b in plan.losses}
             loss = torch.stack([t.float() for t in terms.values()]).sum()
         values = {name: float(t.detach()) for name, t in terms.items()}
@@ -181,20 +177,24 @@ def train(
         if done % cfg.log_every == 0 or done == cfg.steps:
             log({"step": done, "loss": total, **values, "lr": scheduler.get_last_lr()[0]})
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            scores = evaluate(
-                plan.student_eval_graph, plan.data.eval, recipe.data.eval_batch_size, device
-            )
-            log({"step": done, **{f"eval/{k}": v for k, v in scores.items()}})
-            bar.note(
-                f"eval at step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-            )
+            scores = score()
+            if scores:  # a stage may have no metric of its own (general distillation)
+                log({"step": done, **{f"eval/{k}": v for k, v in scores.items()}})
+                bar.note(
+                    f"eval at step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                )
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             last_good = checkpoint(done)
     bar.close()
-    final = evaluate(plan.student_eval_graph, plan.data.eval, recipe.data.eval_batch_size, device)
-    return TrainResult(
-        run_dir, cfg.steps, final, read_metrics(metrics_path), time.perf_counter() - began
-    )
+    history = read_metrics(metrics_path)
+    initial = {
+        k.removeprefix("eval/"): v
+        for r in history
+        if r["step"] == 0
+        for k, v in r.items()
+        if k.startswith("eval/")
+    }
+    return TrainResult(run_dir, cfg.steps, score(), initial, history, time.perf_counter() - began)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

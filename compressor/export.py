@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-from torch import fx
+from torch import fx, nn
 
 from compressor.components import Component
+from compressor.loading import Inputs
 
 
 @dataclass
@@ -31,15 +31,17 @@ class Exporter(Component):
     def export(
         self,
         graph: fx.GraphModule,
-        example_inputs: tuple[torch.Tensor, ...],
-        verify_inputs: list[tuple[torch.Tensor, ...]],
+        example_inputs: tuple[Inputs, ...],
+        verify_inputs: list[tuple[Inputs, ...]],
         out_dir: Path,
         stem: str,
+        module: nn.Module | None = None,
     ) -> ExportResult:
         """Write `graph` under `out_dir` and report its max abs difference to `graph` itself run
-        by PyTorch over `verify_inputs`."""
+        by PyTorch over `verify_inputs`. `module` is the model the graph was captured from,
+        for exporters that also write its configuration (Hugging Face folders)."""
         raise NotImplementedError
 
-    def latency(self, path: Path, inputs: tuple[torch.Tensor, ...], repeats: int) -> float | None:
+    def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
         """Median seconds per call of the exported artifact, or None if not measurable here."""
         return None

@@ -109,13 +109,18 @@ def module_paths(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_module", "call_method"):
             path = node_module_path(node)
-            if path:
+            if path and not path.startswith("_"):  # export's own bookkeeping scopes
                 seen.setdefault(path, None)
     return list(seen)
 
 
 def resolve_tap(gm: fx.GraphModule, path: str) -> fx.Node:
-    """The last tensor-valued node computed inside module `path` (its output)."""
+    """The last tensor-valued node computed inside module `path` (its output).
+
+    `path:op` picks the last `op` node inside the module instead, for values a module
+    computes but does not return: `encoder.layer.3.attention.self:softmax` is that layer's
+    attention distribution (with eager attention)."""
+    path, _, op = path.partition(":")
     found = None
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_module", "call_method"):
@@ -123,11 +128,23 @@ def resolve_tap(gm: fx.GraphModule, path: str) -> fx.Node:
         owner = node_module_path(node)
         if owner == path or owner.startswith(path + "."):
             value = node.meta.get("val")
+            if op and op not in _op_name(node):
+                continue
             if value is None or isinstance(value, torch.Tensor):
                 found = node
     if found is None:
-        raise TapNotFound(path, module_paths(gm))
+        available = module_paths(gm)
+        if op and path in {p.partition(":")[0] for p in available}:
+            ops = sorted({_op_name(n) for n in gm.graph.nodes if node_module_path(n) == path})
+            raise TapNotFound(f"{path}:{op}", [f"{path}:{o}" for o in ops])
+        raise TapNotFound(path if not op else f"{path}:{op}", available)
     return found
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", None) or str(target)
+    return name.split(".")[0]  # aten ops print as softmax.int
 
 
 def output_node(gm: fx.GraphModule) -> fx.Node:
@@ -219,9 +236,28 @@ def _is_impure(node: fx.Node) -> bool:
     return node.op == "call_module" and node.is_impure()
 
 
+def delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """Drop submodules no node reads. Unlike fx's `delete_all_unused_submodules`, a module
+    that a node reads keeps its whole subtree: higher-order ops (autocast and grad-mode
+    regions in Llama's rotary embedding) are subgraphs whose own code reads their children."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+
+    def needed(path: str) -> bool:
+        return any(u == path or u.startswith(path + ".") or path.startswith(u + ".") for u in used)
+
+    deleted: list[str] = []
+    for path, _ in list(gm.named_modules()):  # parents come before their children
+        if not path or needed(path) or any(path.startswith(d + ".") for d in deleted):
+            continue
+        owner, _, name = path.rpartition(".")
+        parent = gm.get_submodule(owner) if owner else gm
+        del parent._modules[name]
+        deleted.append(path)
+
+
 def eliminate_dead_code(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
-    gm.delete_all_unused_submodules()
+    delete_unused_submodules(gm)
     _delete_unused_attributes(gm)
     gm.recompile()
 

@@ -20,7 +20,10 @@ from compressor.errors import RecipeError
 from compressor.recipe import DataSpec, ModelSpec, Recipe, did_you_mean
 from compressor.yaml_positions import KeyPath
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, target)
+# A model's inputs: one tensor (images, features), or named tensors for models whose forward
+# takes several (Hugging Face: input_ids, attention_mask), passed as keyword arguments.
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+Batch = tuple[Inputs, torch.Tensor]  # (inputs, target)
 
 
 @dataclass
@@ -35,7 +38,47 @@ class DataBundle:
 
 def collate(dataset: Sequence[Any], indices: Iterable[Any], device: torch.device) -> Batch:
     inputs, target = default_collate([dataset[int(i)] for i in indices])
-    return inputs.to(device), target.to(device)
+    if isinstance(inputs, dict):
+        inputs, target = _trim_padding(inputs, target)
+    return to_device(inputs, device), target.to(device)
+
+
+def _trim_padding(
+    inputs: dict[str, torch.Tensor], target: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Texts are stored padded to a fixed length; a batch keeps only up to its longest text
+    (columns where every attention_mask entry is 0 change nothing but cost time)."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return inputs, target
+    used = mask.any(0).nonzero()
+    length = max(2, int(used.max()) + 1) if len(used) else 2  # 1 would specialise in export
+    inputs = {k: v[:, :length] if v.dim() == 2 else v for k, v in inputs.items()}
+    if target.dim() == 2:  # per-token labels
+        target = target[:, :length]
+    return inputs, target
+
+
+def to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
+
+
+def batch_size(inputs: Inputs) -> int:
+    return len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
+
+
+def head(inputs: Inputs, n: int) -> Inputs:
+    """The first `n` samples."""
+    return {k: v[:n] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:n]
+
+
+def call_model(model: Any, inputs: Inputs, **extra: torch.Tensor) -> Any:
+    """Run a model or graph on one batch; named inputs go in as keyword arguments."""
+    if isinstance(inputs, dict):
+        return model(**inputs, **extra)
+    return model(inputs, **extra)
 
 
 class ModelLoader(Component):

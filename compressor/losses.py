@@ -23,6 +23,8 @@ class LossInputs:
     student: dict[str, torch.Tensor]
     teacher: dict[str, torch.Tensor]
     target: torch.Tensor | None
+    # the batch the models saw: a tensor, or named tensors (`attention_mask` masks padding)
+    batch: Any = None
 
 
 class LossTerm(Component, nn.Module):

@@ -6,18 +6,21 @@ broken recipe writes nothing.
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_model
+from safetensors.torch import load_model, save_model
 
 from compressor.checkpoint import latest_checkpoint
 from compressor.engine import TrainResult, train
-from compressor.errors import CompressorError, ExportError
+from compressor.errors import CompressorError, ExportError, RecipeError
+from compressor.evaluate import evaluate
 from compressor.export import Exporter, ExportResult
-from compressor.plan import DistillPlan, build_plan
+from compressor.plan import DistillPlan, build_plan, plan_stages
 from compressor.recipe import LossSpec, Recipe
 from compressor.registry import Registry
 from compressor.report import build_report
@@ -38,7 +41,14 @@ def run(
     progress: bool = True,
     overrides: tuple[str, ...] | list[str] = (),
 ) -> RunSummary:
-    plan = build_plan(recipe, registry)
+    stages = plan_stages(recipe, registry)
+    plan = stages[-1][1]
+    if recipe.report.baseline and recipe.stages is not None:
+        raise RecipeError(
+            recipe.locate(("report", "baseline")),
+            "report.baseline compares with a single-stage run and is not available with stages",
+            "run the stages and a one-stage arm side by side (examples/ernie-tiny/run.py)",
+        )
     baseline_plan = (
         build_plan(baseline_recipe(recipe), registry) if recipe.report.baseline else None
     )
@@ -46,7 +56,11 @@ def run(
     _claim_run_dir(run_dir, resume, overwrite)
     _write_recipe_copy(recipe, run_dir, overrides)
 
-    result = train(plan, run_dir, resume=resume, progress=progress)
+    if recipe.stages is None:
+        result = train(plan, run_dir, resume=resume, progress=progress)
+        stage_results: list[dict[str, Any]] = []
+    else:
+        result, stage_results = train_stages(stages, run_dir, resume, progress)
     baseline: TrainResult | None = None
     if baseline_plan is not None:
         base_dir = run_dir / "baseline"
@@ -56,6 +70,8 @@ def run(
     save_model(plan.student, str(run_dir / "student.safetensors"))
     exports = export_student(plan, run_dir / "export")
     report = build_report(plan, result, baseline, exports, run_dir)
+    if stage_results:
+        report["stages"] = stage_results
     registry.pm.hook.compressor_write_report(report=report, run_dir=run_dir)
     failed = [e for e in exports if not e.ok]
     if failed:
@@ -67,6 +83,61 @@ def run(
             )
         )
     return RunSummary(run_dir, report, exports)
+
+
+def train_stages(
+    stages: list[tuple[str, DistillPlan]], run_dir: Path, resume: bool, progress: bool
+) -> tuple[TrainResult, list[dict[str, Any]]]:
+    """Train stage after stage, each in its own folder (stages/1-general, ...). A finished
+    stage leaves `done.json` and the student's weights; resuming skips finished stages,
+    restores the student they produced and resumes the stage in progress at its checkpoint.
+    Returns one result over all steps (histories on a global step axis) and per-stage results."""
+    history: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    offset, seconds = 0, 0.0
+    initial: dict[str, float] = {}
+    final: dict[str, float] = {}
+    for i, (name, plan) in enumerate(stages):
+        stage_dir = run_dir / "stages" / f"{i + 1}-{name}"
+        done = stage_dir / "done.json"
+        if resume and done.is_file():
+            summary = json.loads(done.read_text())
+            load_model(plan.student, str(stage_dir / "student.safetensors"))
+        else:
+            if progress:
+                print(f"stage {i + 1}/{len(stages)}: {name}", file=sys.stderr, flush=True)
+            has_checkpoint = latest_checkpoint(stage_dir / "checkpoints") is not None
+            result = train(plan, stage_dir, resume=resume and has_checkpoint, progress=progress)
+            save_model(plan.student, str(stage_dir / "student.safetensors"))
+            summary = {
+                "name": name,
+                "steps": result.steps,
+                "teacher": plan.recipe.teacher.model_dump() if plan.recipe.teacher else None,
+                "data": plan.recipe.data.model_dump(),
+                "losses": [{"name": b.label, "weight": b.weight} for b in plan.losses],
+                "initial_eval": result.initial_eval,
+                "final_eval": result.final_eval,
+                "seconds": round(result.seconds, 2),
+                "history": result.history,
+            }
+            done.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        for record in summary["history"]:
+            history.append({**record, "step": record["step"] + offset, "stage": name})
+        # the final task's metric after every stage: what each stage contributed
+        last = stages[-1][1]
+        summary["task_eval"] = evaluate(
+            last.student_eval_graph,
+            last.data,
+            last.recipe.data.eval_batch_size,
+            last.device,
+            last.reference_embeddings(),
+        )
+        initial = initial or summary["initial_eval"]
+        final = summary["final_eval"]
+        offset += summary["steps"]
+        seconds += summary["seconds"]
+        summaries.append(summary)
+    return TrainResult(run_dir, offset, final, initial, history, seconds), summaries
 
 
 def baseline_recipe(recipe: Recipe) -> Recipe:
@@ -92,14 +163,17 @@ def export_student(plan: DistillPlan, out_dir: Path) -> list[ExportResult]:
         exporter: Exporter = plan.registry.create(
             "exporter", spec.name, spec.options, plan.recipe, ("export", i)
         )
-        results.append(exporter.export(graph, plan.example_inputs, inputs, out_dir, "student"))
+        results.append(
+            exporter.export(graph, plan.example_inputs, inputs, out_dir, "student", plan.student)
+        )
     return results
 
 
 def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    has_run = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
+    has_run = any((run_dir / sub).exists() for sub in ("checkpoints", "metrics.jsonl", "stages"))
     if resume:
-        if latest_checkpoint(run_dir / "checkpoints") is None:
+        folders = [run_dir / "checkpoints", *run_dir.glob("stages/*/checkpoints")]
+        if all(latest_checkpoint(folder) is None for folder in folders):
             raise CompressorError(f"--resume: {run_dir} has no checkpoint to resume from")
         return
     if has_run and not overwrite:

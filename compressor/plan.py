@@ -6,6 +6,7 @@ unknown components, bad options, models that do not load or capture, taps not in
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from compressor.errors import CaptureError, RecipeError, RecipeErrors
+from compressor.evaluate import NotAnEncoder, embeddings
 from compressor.graph_pass import (
     OUTPUT,
     PROVIDED,
@@ -29,7 +31,7 @@ from compressor.graph_pass import (
     run_passes,
     tapped,
 )
-from compressor.loading import DataBundle, DataLoader, ModelLoader, collate
+from compressor.loading import DataBundle, DataLoader, Inputs, ModelLoader, collate, head
 from compressor.losses import LossTerm, Shapes
 from compressor.module_pass import ModulePassContext
 from compressor.recipe import ModelSpec, Recipe, did_you_mean
@@ -62,6 +64,7 @@ class DistillPlan:
     losses: list[BoundLoss]
     passes: dict[str, list[GraphPass]] = field(default_factory=dict)
     contexts: dict[str, PassContext] = field(default_factory=dict)
+    _reference: torch.Tensor | None = field(default=None, repr=False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.student_graph.parameters())
@@ -69,12 +72,28 @@ class DistillPlan:
             params += list(bound.term.parameters())
         return [p for p in params if p.requires_grad]
 
-    def verify_inputs(self, batch: int = 64) -> list[tuple[torch.Tensor, ...]]:
+    def verify_inputs(self, batch: int = 64) -> list[tuple[Inputs, ...]]:
         """Eval samples on the CPU, at `batch` and at 1, to check exported artifacts with."""
-        full = collate(self.data.eval, range(min(batch, len(self.data.eval))), torch.device("cpu"))[
-            0
-        ]
-        return [(full,), (full[:1],)]
+        cpu = torch.device("cpu")
+        full = collate(self.data.eval, range(min(batch, len(self.data.eval))), cpu)[0]
+        return [(full,), (head(full, 1),)]
+
+    def reference_embeddings(self) -> torch.Tensor | None:
+        """The teacher's eval-set embeddings, which the embedding task scores students against
+        (computed once)."""
+        if self.data.task != "embedding" or self.teacher is None:
+            return None
+        if self._reference is None:
+            try:
+                self._reference = embeddings(
+                    self.teacher.eval(),
+                    self.data.eval,
+                    self.recipe.data.eval_batch_size,
+                    self.device,
+                )
+            except NotAnEncoder:
+                return None
+        return self._reference
 
     def capture(self, module: nn.Module, role: str) -> fx.GraphModule:
         return capture(self.registry, module, self.example_inputs, role, self.recipe.capture.method)
@@ -88,10 +107,19 @@ def select_device(recipe: Recipe) -> torch.device:
     return torch.device(recipe.device)
 
 
-def build_plan(recipe: Recipe, registry: Registry) -> DistillPlan:
-    """Validate and prepare a run. Raises RecipeError(s), PluginError or CaptureError."""
+def build_plan(recipe: Recipe, registry: Registry, student: nn.Module | None = None) -> DistillPlan:
+    """Validate and prepare a run. Raises RecipeError(s), PluginError or CaptureError.
+
+    `student` continues a student from an earlier stage: it is used as it is, without
+    loading or module passes."""
     losses = _bind_losses(recipe, registry)
     needs_teacher = any(bound.term.reads()["teacher"] for bound in losses)
+    copies_teacher = student is None and recipe.student.from_teacher
+    if copies_teacher and recipe.teacher is None:
+        raise RecipeError(
+            recipe.locate(("student", "from_teacher"), prefer_key=True),
+            "student.from_teacher is set, but the recipe has no teacher to copy",
+        )
     if needs_teacher and recipe.teacher is None:
         first = next(i for i, b in enumerate(losses) if b.term.reads()["teacher"])
         raise RecipeError(
@@ -139,16 +167,26 @@ def build_plan(recipe: Recipe, registry: Registry) -> DistillPlan:
     example_inputs = (collate(data.train, range(min(4, len(data.train))), device)[0],)
 
     teacher = None
-    if needs_teacher:
+    if needs_teacher or copies_teacher:
         assert recipe.teacher is not None
         teacher = _load_model(recipe, registry, recipe.teacher, "teacher", recipe.seed)
-    student = _load_model(recipe, registry, recipe.student, "student", recipe.seed + 1)
-    for target, module_pass in module_passes:
-        context = ModulePassContext(role=target, teacher=teacher)
-        if target == "student":
-            student = module_pass(student, context)
-        elif teacher is not None:
-            teacher = module_pass(teacher, context)
+    if student is None:
+        if copies_teacher:
+            student = copy.deepcopy(teacher)
+        else:
+            student = _load_model(recipe, registry, recipe.student, "student", recipe.seed + 1)
+        for i, (target, module_pass) in enumerate(module_passes):
+            context = ModulePassContext(role=target, teacher=teacher)
+            try:
+                if target == "student":
+                    student = module_pass(student, context)
+                elif teacher is not None:
+                    teacher = module_pass(teacher, context)
+            except ValueError as exc:
+                raise RecipeError(recipe.locate(("module_passes", i)), str(exc)) from None
+    assert student is not None
+    if not needs_teacher:
+        teacher = None
     student.to(device).train()
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
@@ -199,6 +237,18 @@ def build_plan(recipe: Recipe, registry: Registry) -> DistillPlan:
         passes=graph_passes,
         contexts=contexts,
     )
+
+
+def plan_stages(recipe: Recipe, registry: Registry) -> list[tuple[str, DistillPlan]]:
+    """A plan per stage, all before anything runs, so a broken stage writes nothing. Stages
+    share one student module: each stage's graphs compute with its current weights."""
+    plans: list[tuple[str, DistillPlan]] = []
+    student = None
+    for name, view in recipe.stage_views():
+        plan = build_plan(view, registry, student)
+        student = plan.student
+        plans.append((name, plan))
+    return plans
 
 
 def capture(
@@ -322,7 +372,9 @@ def _refresh_shapes(
     """symbolic_trace graphs carry example shapes (tensor_meta) that passes may have made
     stale (MAE masking changes the token count): propagate them again. torch.export graphs
     keep symbolic shapes of their own."""
-    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+    if any("val" in n.meta for n in gm.graph.nodes) or not isinstance(
+        example_inputs[0], torch.Tensor
+    ):
         return
     extra = draw_graph_inputs(graphs, example_inputs[0].shape[0], example_inputs[0].device)
     with torch.no_grad():

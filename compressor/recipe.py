@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from compressor.errors import Location, RecipeError, RecipeErrors
 from compressor.yaml_positions import KeyPath, SourceMap, format_path, load_yaml
@@ -45,11 +45,28 @@ class PassSpec(ComponentSpec):
     target: Literal["student", "teacher", "both"] = "student"
 
 
+class PackageRef(Strict):
+    """A folder shipped inside an installed Python package (models on PyPI)."""
+
+    package: str
+    path: str = ""
+
+
 class ModelSpec(Strict):
     loader: str = "callable"
-    model: str = Field(description="module:function or path/to/file.py:function")
+    model: str | PackageRef | None = Field(
+        None,
+        description="callable: module:function or file.py:function; "
+        "hf: a model folder, a .gguf file, or {package, path}",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = Field(None, description="a .safetensors file (never a pickle)")
+    task: Literal["feature-extraction", "sequence-classification", "causal-lm"] = Field(
+        "feature-extraction", description="hf: which head the model is loaded with"
+    )
+    from_teacher: bool = Field(
+        False, description="student: start as a copy of the teacher (module passes shrink it)"
+    )
 
 
 class DataSpec(Strict):
@@ -78,6 +95,78 @@ class ReportSpec(Strict):
     baseline: bool = False
     latency_batches: list[int] = Field(default_factory=lambda: [1, 32])
     latency_repeats: int = Field(50, gt=0)
+    latency_tokens: int | None = Field(
+        None, gt=1, description="text models: time inputs of exactly this many tokens"
+    )
+
+
+class StageSpec(Strict):
+    """One stage of a staged schedule (ERNIE-Tiny): what it sets replaces the recipe's own
+    teacher, data, losses or train settings for that stage; the student carries over."""
+
+    name: str
+    teacher: ModelSpec | None = None
+    data: DataSpec | None = None
+    losses: list[LossSpec] | None = Field(None, min_length=1)
+    train: TrainSpec | None = None
+    steps: int | None = Field(None, gt=0, description="steps, with the recipe's train settings")
+
+
+class ErnieTinyPreset(Strict):
+    """ERNIE-Tiny's four stages from two teachers and two datasets (Su et al., 2021):
+    general distillation (pretrained teacher, general data), general-enhanced (fine-tuned
+    teacher, general data), task-adaptive (fine-tuned teacher, task data), task-specific
+    (adds soft-label KD and hard-label CE)."""
+
+    preset: Literal["ernie_tiny"]
+    general_teacher: ModelSpec
+    task_teacher: ModelSpec
+    general_data: DataSpec
+    task_data: DataSpec
+    feature_losses: list[LossSpec] = Field(min_length=1)
+    label_losses: list[LossSpec] = Field(
+        default_factory=lambda: [LossSpec(name="kd"), LossSpec(name="ce")]
+    )
+    steps: list[int] = Field(min_length=4, max_length=4)
+    only: list[str] | None = Field(
+        None, description="run only these stages (e.g. [task-specific] for a one-stage arm)"
+    )
+
+    def stages(self) -> list[tuple[StageSpec, dict[str, KeyPath]]]:
+        """The four stages, each with where its parts are written in the recipe."""
+        at: KeyPath = ("stages",)
+        feature, general_data, task_data = (
+            {"losses": (*at, "feature_losses")},
+            {"data": (*at, "general_data")},
+            {"data": (*at, "task_data")},
+        )
+        plan = [
+            ("general", self.general_teacher, self.general_data, self.feature_losses, "general"),
+            ("general-enhanced", self.task_teacher, self.general_data, self.feature_losses, "task"),
+            ("task-adaptive", self.task_teacher, self.task_data, self.feature_losses, "task"),
+            (
+                "task-specific",
+                self.task_teacher,
+                self.task_data,
+                [*self.feature_losses, *self.label_losses],
+                "task",
+            ),
+        ]
+        out = []
+        for i, (name, teacher, data, losses, which) in enumerate(plan):
+            if self.only is not None and name not in self.only:
+                continue
+            where = {
+                "teacher": (*at, f"{which}_teacher"),
+                **(general_data if data is self.general_data else task_data),
+                **(feature if losses is self.feature_losses else {"losses": (*at, "label_losses")}),
+                "train": (*at, "steps", i),
+            }
+            stage = StageSpec(
+                name=name, teacher=teacher, data=data, losses=losses, steps=self.steps[i]
+            )
+            out.append((stage, where))
+        return out
 
 
 class Recipe(Strict):
@@ -95,9 +184,37 @@ class Recipe(Strict):
     train: TrainSpec
     export: list[ComponentSpec] = Field(default_factory=lambda: [ComponentSpec(name="onnx")])
     report: ReportSpec = Field(default_factory=lambda: ReportSpec())
+    stages: list[StageSpec] | ErnieTinyPreset | None = Field(
+        None, description="a staged schedule: a list of stages, or a preset"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_from_first_stage(cls, data: Any) -> Any:
+        """A staged recipe may leave out data, losses and train: the first stage's serve."""
+        if not isinstance(data, dict) or not data.get("stages"):
+            return data
+        stages = data["stages"]
+        if isinstance(stages, dict):  # a preset
+            steps = stages.get("steps")
+            first = {
+                "data": stages.get("general_data"),
+                "losses": stages.get("feature_losses"),
+                "train": {"steps": steps[0]} if isinstance(steps, list) and steps else None,
+            }
+        elif isinstance(stages, list) and isinstance(stages[0], dict):
+            first = stages[0]
+        else:
+            return data
+        filled = dict(data)
+        for key in ("data", "losses", "train"):
+            if key not in filled and first.get(key) is not None:
+                filled[key] = first[key]
+        return filled
 
     _path: Path = PrivateAttr(default=Path("recipe.yaml"))
     _source: SourceMap = PrivateAttr(default_factory=lambda: SourceMap("recipe.yaml"))
+    _moved: dict[str, KeyPath] = PrivateAttr(default_factory=dict)  # a stage's own keys
 
     @property
     def path(self) -> Path:
@@ -117,7 +234,39 @@ class Recipe(Strict):
         return Path(self.output) if self.output else Path("runs") / self.name
 
     def locate(self, path: KeyPath, prefer_key: bool = False) -> Location:
+        if path and str(path[0]) in self._moved:
+            path = (*self._moved[str(path[0])], *path[1:])
         return self._source.locate(path, prefer_key)
+
+    def stage_views(self) -> list[tuple[str, Recipe]]:
+        """(stage name, the recipe as that stage sees it); one unnamed stage when unstaged.
+
+        A stage's view replaces the teacher, data, losses and train settings; errors in them
+        are located where the stage wrote them."""
+        if self.stages is None:
+            return [("", self)]
+        if isinstance(self.stages, ErnieTinyPreset):
+            staged = self.stages.stages()
+        else:
+            staged = [
+                (stage, {k: ("stages", i, k) for k in ("teacher", "data", "losses", "train")})
+                for i, stage in enumerate(self.stages)
+            ]
+        views = []
+        for stage, where in staged:
+            update = {
+                k: getattr(stage, k)
+                for k in ("teacher", "data", "losses", "train")
+                if getattr(stage, k) is not None
+            }
+            if stage.steps is not None:
+                train = update.get("train", self.train)
+                update["train"] = train.model_copy(update={"steps": stage.steps})
+            view = self.model_copy(update=update)
+            view._path, view._source = self._path, self._source
+            view._moved = {k: v for k, v in where.items() if k in update}
+            views.append((stage.name, view))
+        return views
 
 
 OVERRIDE_FILE = "<command line>"

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from compressor.engine import TrainResult, evaluate
+from compressor.engine import TrainResult
+from compressor.evaluate import evaluate
 from compressor.export import Exporter, ExportResult
-from compressor.loading import collate
+from compressor.loading import Inputs, call_model, collate
 from compressor.plan import DistillPlan
 
 
@@ -26,9 +27,10 @@ def build_report(
     recipe = plan.recipe
     cpu = torch.device("cpu")
     batches = {
-        b: collate(plan.data.eval, range(min(b, len(plan.data.eval))), cpu)[0]
+        b: _latency_inputs(plan, b, recipe.report.latency_tokens)
         for b in recipe.report.latency_batches
     }
+    reference = plan.reference_embeddings()
     models: dict[str, Any] = {}
     artifacts = {e.exporter: e.path for e in exports}
     roles: list[tuple[str, nn.Module]] = [("student", plan.student_eval_graph)]
@@ -42,7 +44,7 @@ def build_report(
         entry: dict[str, Any] = {
             "parameters": sum(p.numel() for p in module.parameters()),
             "state_bytes": sum(t.numel() * t.element_size() for t in module.state_dict().values()),
-            "quality": evaluate(module, plan.data.eval, recipe.data.eval_batch_size, cpu),
+            "quality": evaluate(module, plan.data, recipe.data.eval_batch_size, cpu, reference),
             "latency_ms": {
                 "pytorch": {
                     str(b): _torch_latency(module, x, recipe.report.latency_repeats)
@@ -65,6 +67,7 @@ def build_report(
                 b: None if t is None else t * 1e3 for b, t in timings.items()
             }
         models[role] = entry
+    models["student"]["initial_quality"] = result.initial_eval
     if baseline is not None:
         models["baseline"] = {"quality": baseline.final_eval, "history": baseline.history}
     report: dict[str, Any] = {
@@ -94,8 +97,9 @@ def build_report(
         report["compression"] = {"parameter_ratio": t["parameters"] / max(1, s["parameters"])}
     if baseline is not None:
         report["distillation_gain"] = {
-            k: models["student"]["quality"][k] - baseline.final_eval[k]
-            for k in ("accuracy", "loss")
+            k: v - baseline.final_eval[k]
+            for k, v in models["student"]["quality"].items()
+            if k in baseline.final_eval
         }
     return report
 
@@ -114,18 +118,32 @@ def _export_teacher(plan: DistillPlan, out_dir: Path) -> dict[str, Path]:
             "exporter", spec.name, spec.options, plan.recipe, ("export", i)
         )
         out[spec.name] = exporter.export(
-            graph, plan.example_inputs, plan.verify_inputs(), out_dir, "teacher"
+            graph, plan.example_inputs, plan.verify_inputs(), out_dir, "teacher", plan.teacher
         ).path
     return out
 
 
-def _torch_latency(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+def _latency_inputs(plan: DistillPlan, batch: int, tokens: int | None) -> Inputs:
+    """`batch` eval samples; texts cut or repeated to exactly `tokens` real tokens each when
+    asked (deployment latency is quoted at a fixed shape, e.g. 32 x 128)."""
+    x = collate(
+        plan.data.eval, [i % len(plan.data.eval) for i in range(batch)], torch.device("cpu")
+    )[0]
+    if tokens is None or not isinstance(x, dict):
+        return x
+    ids = x["input_ids"]
+    repeats = -(-tokens // ids.shape[1])
+    ids = ids.repeat(1, repeats)[:, :tokens]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _torch_latency(module: nn.Module, x: Inputs, repeats: int) -> float:
     with torch.no_grad():
         for _ in range(3):
-            module(x)
+            call_model(module, x)
         times = []
         for _ in range(repeats):
             began = time.perf_counter()
-            module(x)
+            call_model(module, x)
             times.append(time.perf_counter() - began)
     return statistics.median(times) * 1e3

@@ -30,6 +30,12 @@ class CallableModel(ModelLoader):
     name = "callable"
 
     def load(self, spec: ModelSpec, recipe: Recipe, path: KeyPath) -> nn.Module:
+        if not isinstance(spec.model, str):
+            raise RecipeError(
+                recipe.locate((*path, "model")),
+                "the callable loader needs model: module:function or file.py:function",
+                "for a Hugging Face model folder or package, set loader: hf",
+            )
         build = resolve_callable(spec.model, recipe, (*path, "model"))
         model = call_with_kwargs(build, spec.kwargs, recipe, (*path, "kwargs"))
         if not isinstance(model, nn.Module):

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from compressor.cuda import kernels
+from compressor.evaluate import IGNORE
 from compressor.hookspecs import hookimpl
 from compressor.losses import LossInputs, LossTerm, Shapes
 
@@ -40,15 +41,32 @@ class LogitKD(LossTerm):
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         o = self.options
+        student = inputs.student[o.student]
         return kernels.divergence(
-            inputs.student[o.student],
+            student,
             inputs.teacher[o.teacher],
             kind=o.divergence,
             beta=o.beta,
             temperature=o.temperature,
             t2_scale=o.t2_scale,
+            mask=token_mask(student, inputs),
             impl=o.impl,
         )
+
+
+def token_mask(logits: torch.Tensor, inputs: LossInputs) -> torch.Tensor | None:
+    """Which positions of per-token logits [B, T, V] count: those whose next token is scored
+    (labels != -100: not padding, not prompt), else real tokens; None for [B, C] logits."""
+    if logits.dim() != 3:
+        return None
+    target = inputs.target
+    if target is not None and target.shape == logits.shape[:2]:
+        mask = torch.zeros_like(target, dtype=torch.bool)
+        mask[:, :-1] = target[:, 1:] != IGNORE  # position t predicts token t + 1
+        return mask
+    if isinstance(inputs.batch, dict) and "attention_mask" in inputs.batch:
+        return inputs.batch["attention_mask"].bool()
+    return None
 
 
 class CEOptions(BaseModel):
@@ -71,7 +89,12 @@ class CrossEntropy(LossTerm):
         if inputs.target is None:
             raise ValueError("loss 'ce' needs labels, and this data has none")
         logits = inputs.student[self.options.student].float()
-        return F.cross_entropy(logits, inputs.target, label_smoothing=self.options.label_smoothing)
+        target = inputs.target
+        if logits.dim() == 3:  # next-token prediction: position t predicts token t + 1
+            logits, target = logits[:, :-1].flatten(0, 1), target[:, 1:].flatten()
+        return F.cross_entropy(
+            logits, target, label_smoothing=self.options.label_smoothing, ignore_index=IGNORE
+        )
 
 
 class FeatureOptions(BaseModel):

@@ -10,16 +10,19 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import fx
+from torch import fx, nn
 from torch.export import Dim
 
+from compressor.capture import OUTPUT_NAME_META
 from compressor.errors import ExportError
 from compressor.export import Exporter, ExportResult
 from compressor.hookspecs import hookimpl
+from compressor.loading import Inputs, batch_size, call_model, to_device
 
 
 class ONNXOptions(BaseModel):
@@ -37,59 +40,25 @@ class ONNXExporter(Exporter):
     def export(
         self,
         graph: fx.GraphModule,
-        example_inputs: tuple[torch.Tensor, ...],
-        verify_inputs: list[tuple[torch.Tensor, ...]],
+        example_inputs: tuple[Inputs, ...],
+        verify_inputs: list[tuple[Inputs, ...]],
         out_dir: Path,
         stem: str,
+        module: nn.Module | None = None,
     ) -> ExportResult:
-        out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{stem}.onnx"
-        names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
-        batch = Dim("batch")
-        inputs = tuple(x.cpu() for x in example_inputs)
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            _quiet_torch_onnx(),
-        ):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                graph.cpu(),  # export runs after training; artifacts are built on the CPU
-                inputs,
-                str(path),
-                dynamo=True,
-                dynamic_shapes=tuple({0: batch} for _ in inputs),
-                input_names=names,
-                output_names=["logits"],
-                opset_version=self.options.opset,
-                external_data=False,
-                verbose=False,
-            )
-        session = _session(path)
-        diffs = []
-        for batch_inputs in verify_inputs:
-            feeds = {name: x.cpu().numpy() for name, x in zip(names, batch_inputs, strict=True)}
-            got = session.run(None, feeds)[0]
-            with torch.no_grad():
-                want = graph(*(x.cpu() for x in batch_inputs)).float().numpy()
-            if got.shape != want.shape:
-                raise ExportError(
-                    f"{path}: onnxruntime output shape {got.shape} != PyTorch {want.shape}"
-                )
-            diffs.append(float(np.abs(got - want).max()))
-        result = ExportResult(
-            self.name,
-            path,
-            max(diffs),
-            self.options.tolerance,
-            {"verified_batches": [int(b[0].shape[0]) for b in verify_inputs], "inputs": names},
-        )
-        return result
+        names = export_onnx(graph, example_inputs, path, self.options.opset)
+        diff = verify_onnx(graph, path, verify_inputs)
+        details = {
+            "verified_batches": [batch_size(b[0]) for b in verify_inputs],
+            "inputs": names,
+        }
+        return ExportResult(self.name, path, diff, self.options.tolerance, details)
 
-    def latency(self, path: Path, inputs: tuple[torch.Tensor, ...], repeats: int) -> float | None:
+    def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
         session = _session(path)
         names = [i.name for i in session.get_inputs()]
-        feeds = {name: x.cpu().numpy() for name, x in zip(names, inputs, strict=True)}
+        feeds = _feeds(names, inputs)
         for _ in range(3):
             session.run(None, feeds)
         times = []
@@ -98,6 +67,80 @@ class ONNXExporter(Exporter):
             session.run(None, feeds)
             times.append(time.perf_counter() - began)
         return statistics.median(times)
+
+
+def export_onnx(
+    graph: fx.GraphModule, example_inputs: tuple[Inputs, ...], path: Path, opset: int | None
+) -> list[str]:
+    """Write `graph` as one ONNX file with dynamic batch (and sequence, for named text
+    inputs) axes; inputs keep the graph's argument names, the output the model's own name.
+    Returns the input names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
+    batch = Dim("batch")
+    args: tuple[Any, ...] = tuple(to_device(x, torch.device("cpu")) for x in example_inputs)
+    kwargs: dict[str, Any] = {}
+    dynamic: Any = tuple({0: batch} for _ in args)
+    if len(args) == 1 and isinstance(args[0], dict):
+        args, kwargs = (), args[0]
+        dynamic = {
+            k: {0: batch, 1: Dim.AUTO} if v.dim() >= 2 else {0: batch} for k, v in kwargs.items()
+        }
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        _quiet_torch_onnx(),
+    ):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph.cpu(),  # export runs after training; artifacts are built on the CPU
+            args,
+            str(path),
+            kwargs=kwargs,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            input_names=names,
+            output_names=[graph.meta.get(OUTPUT_NAME_META, "logits")],
+            opset_version=opset,
+            # one file when it fits protobuf's 2 GiB limit; weights beside it when not
+            external_data=_state_bytes(graph) > 1.5 * 2**30,
+            verbose=False,
+        )
+    return names
+
+
+def _state_bytes(graph: fx.GraphModule) -> int:
+    return sum(t.numel() * t.element_size() for t in graph.state_dict().values())
+
+
+def verify_onnx(
+    graph: fx.GraphModule, path: Path, verify_inputs: list[tuple[Inputs, ...]]
+) -> float:
+    """Max abs difference between onnxruntime and PyTorch over `verify_inputs`."""
+    session = _session(path)
+    names = [i.name for i in session.get_inputs()]
+    diffs = []
+    for batch_inputs in verify_inputs:
+        got = session.run(None, _feeds(names, batch_inputs))[0]
+        with torch.no_grad():
+            cpu = [to_device(x, torch.device("cpu")) for x in batch_inputs]
+            want = (
+                (call_model(graph, cpu[0]) if isinstance(cpu[0], dict) else graph(*cpu))
+                .float()
+                .numpy()
+            )
+        if got.shape != want.shape:
+            raise ExportError(
+                f"{path}: onnxruntime output shape {got.shape} != PyTorch {want.shape}"
+            )
+        diffs.append(float(np.abs(got - want).max()))
+    return max(diffs)
+
+
+def _feeds(names: list[str], inputs: tuple[Inputs, ...]) -> dict[str, Any]:
+    if len(inputs) == 1 and isinstance(inputs[0], dict):
+        return {name: inputs[0][name].cpu().numpy() for name in names}
+    return {name: x.cpu().numpy() for name, x in zip(names, inputs, strict=True)}  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager

@@ -49,13 +49,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| model | " + " | ".join(k for k in models["student"]["quality"]) + " |",
         "|---" * (1 + len(models["student"]["quality"])) + "|",
     ]
-    for role in roles:
-        q = models[role]["quality"]
+    keys = list(models["student"]["quality"])
+    rows = [(role, models[role]["quality"]) for role in roles]
+    before = models["student"].get("initial_quality")
+    if before:
+        rows.insert(roles.index("student"), ("student before training", before))
+    for role, q in rows:
         label = "student without teacher (baseline)" if role == "baseline" else role
-        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in q.values()) + " |")
-    if "distillation_gain" in report:
+        lines.append(f"| {label} | " + " | ".join(_fmt(q.get(k)) for k in keys) + " |")
+    if "distillation_gain" in report and "accuracy" in report["distillation_gain"]:
         gain = report["distillation_gain"]["accuracy"]
         lines += ["", f"Distillation gain over the baseline: {gain * 100:+.2f} accuracy points."]
+    if report.get("stages"):
+        lines += _stage_lines(report["stages"])
     lines += ["", "## Size and latency (CPU)", ""]
     sized = [r for r in ("teacher", "student") if r in models]
     header = ["model", "parameters", "weights"]
@@ -92,6 +98,39 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _stage_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """One row per stage: its teacher, data and losses, and the final task's metrics after it."""
+    keys = list(stages[-1]["task_eval"])
+    lines = [
+        "",
+        "## Stages",
+        "",
+        "Metrics on the last stage's eval set, after each stage.",
+        "",
+        "| stage | steps | teacher | data | losses | " + " | ".join(keys) + " |",
+        "|---" * (5 + len(keys)) + "|",
+    ]
+    for stage in stages:
+        teacher = stage.get("teacher") or {}
+        model = teacher.get("model")
+        model = model.get("package") if isinstance(model, dict) else model
+        source = stage["data"].get("kwargs", {}).get("source", stage["data"].get("loader"))
+        losses = ", ".join(loss["name"] for loss in stage["losses"])
+        values = " | ".join(_fmt(stage["task_eval"].get(k)) for k in keys)
+        lines.append(
+            f"| {stage['name']} | {stage['steps']} | {model or 'none'} | {source} | {losses} | {values} |"
+        )
+    return lines
+
+
+def _eval_metric(history: list[dict[str, Any]]) -> str | None:
+    for record in history:
+        for key in record:
+            if key.startswith("eval/"):
+                return "eval/accuracy" if "eval/accuracy" in record else key
+    return None
+
+
 def _plot_curves(report: dict[str, Any], path: Path) -> Path | None:
     import matplotlib
 
@@ -101,16 +140,30 @@ def _plot_curves(report: dict[str, Any], path: Path) -> Path | None:
     runs = {"distilled": report["history"]}
     if "baseline" in report["models"]:
         runs["baseline (no teacher)"] = report["models"]["baseline"]["history"]
+    metric = _eval_metric(report["history"]) or "eval/accuracy"
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for label, history in runs.items():
         train = [r for r in history if "loss" in r and "event" not in r]
-        evals = [r for r in history if "eval/accuracy" in r]
+        evals = [r for r in history if metric in r]
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
-        ax_acc.plot(
-            [r["step"] for r in evals], [r["eval/accuracy"] for r in evals], marker="o", label=label
-        )
+        ax_acc.plot([r["step"] for r in evals], [r[metric] for r in evals], marker="o", label=label)
+    starts: dict[str, int] = {}
+    for record in report["history"]:  # staged runs: a line where each stage begins
+        starts.setdefault(record.get("stage", ""), record["step"])
+    for name, step in starts.items():
+        if name:
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(step, color="grey", alpha=0.4, linestyle="--")
+            ax_loss.annotate(
+                name,
+                (step, 1),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                rotation=90,
+                va="top",
+            )
     ax_loss.set(title="training loss (weighted sum)", xlabel="step", yscale="log")
-    ax_acc.set(title="eval accuracy", xlabel="step")
+    ax_acc.set(title=metric.replace("/", " "), xlabel="step")
     for ax in (ax_loss, ax_acc):
         ax.legend()
         ax.grid(alpha=0.3)

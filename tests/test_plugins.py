@@ -33,6 +33,10 @@ BUILTIN = {
     "strip",
     "ofa_branches",
     "mae_mask",
+    "student_layers",
+    "hf_loaders",
+    "transformer_losses",
+    "hf_export",
 }
 
 
@@ -40,13 +44,19 @@ def test_builtins_load_through_entry_points(registry):
     assert {p.name for p in registry.plugins} >= BUILTIN
     assert all(p.distribution == "compressor" for p in registry.plugins if p.name in BUILTIN)
     assert registry.names("loss") == [
+        "attention_kl",
         "ce",
+        "embedding_cosine",
+        "embedding_mse",
         "feature_cosine",
         "feature_l1",
         "feature_mse",
+        "hidden_mse",
         "kd",
         "ofa",
     ]
+    assert registry.names("module_pass") == ["student_layers"]
+    assert registry.names("exporter") == ["hf", "onnx"]
     assert registry.names("graph_pass") == [
         "mae_mask",
         "ofa_branches",
@@ -66,8 +76,9 @@ def test_plugins_command_lists_origin_and_what_each_provides(capsys):
 
 
 def test_disabling_a_builtin_removes_what_it_provides(write_recipe, capsys):
-    registry = Registry.load(disabled=["losses"])
+    registry = Registry.load(disabled=["losses", "transformer_losses"])
     assert registry.names("loss") == []
+    assert "kd" not in Registry.load(disabled=["losses"]).names("loss")
     assert main(["-p", "no:losses", "validate", str(write_recipe())]) == 2
     assert "unknown loss 'kd'" in capsys.readouterr().err
 

@@ -59,7 +59,10 @@ def test_unknown_loss_lists_registered_losses_with_a_suggestion(write_recipe, re
         f"{path}:{_line_of(path, 'kd_loss')}:11 (losses[0].name): unknown loss 'kd_loss' (did you mean 'kd'?)"
         in message
     )
-    assert "allowed: ce, feature_cosine, feature_l1, feature_mse, kd, ofa" in message
+    assert (
+        "allowed: attention_kl, ce, embedding_cosine, embedding_mse, feature_cosine, "
+        "feature_l1, feature_mse, hidden_mse, kd, ofa" in message
+    )
 
 
 def test_bad_loss_option_names_the_loss_and_its_options(write_recipe, registry):

