@@ -433,3 +433,28 @@ train: {steps: 1}
     with pytest.raises((RecipeError, RecipeErrors)) as caught:
         build_plan(load_recipe(_write(tmp_path, text)), registry)
     assert "no_such_package_here" in str(caught.value) and ":1:" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "layers: [0, 3]}",
+            "layers: [0, 3], hidden_size: 16}",
+            "the student has 2 heads at 'encoder.layer.0.attention.self:softmax' and the teacher "
+            "4 at 'encoder.layer.1.attention.self:softmax'; attention KL needs equal head counts",
+        ),
+        (
+            "    student: encoder.layer.{}\n",
+            "    student: encoder.layer\n",
+            "student: the path template needs {} for the block index",
+        ),
+    ],
+)
+def test_transformer_loss_errors_are_located(tiny, tmp_path, registry, old, new, message):
+    text = _encoder_recipe(tiny["bert"], tmp_path / "run")
+    assert old in text
+    path = _write(tmp_path, text.replace(old, new, 1))
+    with pytest.raises((RecipeError, RecipeErrors)) as caught:
+        build_plan(load_recipe(path), registry)
+    assert message in str(caught.value) and f"{path}:" in str(caught.value)
