@@ -147,21 +147,20 @@ def _plot_curves(report: dict[str, Any], path: Path) -> Path | None:
         evals = [r for r in history if metric in r]
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
         ax_acc.plot([r["step"] for r in evals], [r[metric] for r in evals], marker="o", label=label)
-    starts: dict[str, int] = {}
-    for record in report["history"]:  # staged runs: a line where each stage begins
-        starts.setdefault(record.get("stage", ""), record["step"])
-    for name, step in starts.items():
-        if name:
-            for ax in (ax_loss, ax_acc):
-                ax.axvline(step, color="grey", alpha=0.4, linestyle="--")
-            ax_loss.annotate(
-                name,
-                (step, 1),
-                xycoords=("data", "axes fraction"),
-                fontsize=7,
-                rotation=90,
-                va="top",
-            )
+    step = 0
+    for stage in report.get("stages", []):  # staged runs: a line where each stage begins
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(step, color="grey", alpha=0.4, linestyle="--")
+        ax_loss.annotate(
+            stage["name"],
+            (step, 0.98),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            rotation=90,
+            va="top",
+            ha="right",
+        )
+        step += stage["steps"]
     ax_loss.set(title="training loss (weighted sum)", xlabel="step", yscale="log")
     ax_acc.set(title=metric.replace("/", " "), xlabel="step")
     for ax in (ax_loss, ax_acc):

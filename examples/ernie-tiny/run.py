@@ -1,6 +1,6 @@
 """ERNIE-Tiny's four stages against the task-specific stage alone, same total steps.
 
-    python examples/ernie-tiny/run.py [--seeds 0] [--out runs/ernie-tiny]
+    python examples/ernie-tiny/run.py [--seeds 0 1] [--out runs/ernie-tiny]   (~40 min, 2 cores)
 
 First fine-tunes all-MiniLM-L6-v2 on the docstring-family task (finetune.yaml: the task
 teacher, reused if already there), then for each seed runs recipe.yaml twice: all four
@@ -31,12 +31,23 @@ STUDENTS = {
     ],
 }
 
+WHY_STAGES_LOSE = """\
+With the same total steps, the one-stage arm trains on the task's labels for every step
+(about 20 passes over 775 docstrings); the staged arm spends 200 steps on general prose
+and 100 on task text without labels, so its label losses get 200 steps. ERNIE-Tiny's
+general stages pay off through a large general corpus that teaches what the task data
+cannot. Here the general corpus is about 1,200 sentences of the same documentation
+English as the task, so it adds little, and the steps it takes are missing from the
+label stage. The stages without label losses leave the classifier head where it
+started: after task-adaptive, seed 0 already scores well because its head happens to be
+initialised like the teacher's (both loaders seeded alike), seed 1 does not."""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("runs/ernie-tiny"))
     args = parser.parse_args()
     registry = Registry.load()
@@ -114,6 +125,8 @@ def main() -> None:
         data[student] = {
             arm: r.summary() | {"per_seed": r.metric("accuracy")} for arm, r in results.items()
         } | {"per_stage": per_stage, "staged_minus_one_stage": staged - single}
+    if any(d["staged_minus_one_stage"] < 0 for k, d in data.items() if k in STUDENTS):
+        sections += ["", "## Why the staged student loses here", "", WHY_STAGES_LOSE]
     write_summary(args.out / "report", "ERNIE-Tiny stages on docstring families", sections, data)
     print((args.out / "report.md").read_text())
 
