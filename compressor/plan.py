@@ -6,6 +6,7 @@ unknown components, bad options, models that do not load or capture, taps not in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,7 @@ class DistillPlan:
     passes: dict[str, list[GraphPass]] = field(default_factory=dict)
     contexts: dict[str, PassContext] = field(default_factory=dict)
     _reference: torch.Tensor | None = field(default=None, repr=False)
+    _reference_tried: bool = field(default=False, repr=False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.student_graph.parameters())
@@ -83,16 +85,15 @@ class DistillPlan:
         (computed once)."""
         if self.data.task != "embedding" or self.teacher is None:
             return None
-        if self._reference is None:
-            try:
+        if not self._reference_tried:  # once: a teacher that is not an encoder stays one
+            self._reference_tried = True
+            with contextlib.suppress(NotAnEncoder):
                 self._reference = embeddings(
                     self.teacher.eval(),
                     self.data.eval,
                     self.recipe.data.eval_batch_size,
                     self.device,
                 )
-            except NotAnEncoder:
-                return None
         return self._reference
 
     def capture(self, module: nn.Module, role: str) -> fx.GraphModule:
