@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from compressor.errors import Location, RecipeError, RecipeErrors
 from compressor.yaml_positions import KeyPath, SourceMap, format_path, load_yaml
@@ -112,6 +120,15 @@ class StageSpec(Strict):
     steps: int | None = Field(None, gt=0, description="steps, with the recipe's train settings")
 
 
+# (stage, teacher field, data field, adds the label losses)
+ERNIE_TINY_STAGES = [
+    ("general", "general_teacher", "general_data", False),
+    ("general-enhanced", "task_teacher", "general_data", False),
+    ("task-adaptive", "task_teacher", "task_data", False),
+    ("task-specific", "task_teacher", "task_data", True),
+]
+
+
 class ErnieTinyPreset(Strict):
     """ERNIE-Tiny's four stages from two teachers and two datasets (Su et al., 2021):
     general distillation (pretrained teacher, general data), general-enhanced (fine-tuned
@@ -132,39 +149,35 @@ class ErnieTinyPreset(Strict):
         None, description="run only these stages (e.g. [task-specific] for a one-stage arm)"
     )
 
+    @field_validator("only")
+    @classmethod
+    def _known_stages(cls, only: list[str] | None) -> list[str] | None:
+        names = [name for name, *_ in ERNIE_TINY_STAGES]
+        unknown = [n for n in only or [] if n not in names]
+        if unknown or only == []:
+            raise ValueError(f"unknown stages {unknown or only}; the stages are {', '.join(names)}")
+        return only
+
     def stages(self) -> list[tuple[StageSpec, dict[str, KeyPath]]]:
         """The four stages, each with where its parts are written in the recipe."""
-        at: KeyPath = ("stages",)
-        feature, general_data, task_data = (
-            {"losses": (*at, "feature_losses")},
-            {"data": (*at, "general_data")},
-            {"data": (*at, "task_data")},
-        )
-        plan = [
-            ("general", self.general_teacher, self.general_data, self.feature_losses, "general"),
-            ("general-enhanced", self.task_teacher, self.general_data, self.feature_losses, "task"),
-            ("task-adaptive", self.task_teacher, self.task_data, self.feature_losses, "task"),
-            (
-                "task-specific",
-                self.task_teacher,
-                self.task_data,
-                [*self.feature_losses, *self.label_losses],
-                "task",
-            ),
-        ]
         out = []
-        for i, (name, teacher, data, losses, which) in enumerate(plan):
+        for i, (name, teacher, data, labels) in enumerate(ERNIE_TINY_STAGES):
             if self.only is not None and name not in self.only:
                 continue
-            where = {
-                "teacher": (*at, f"{which}_teacher"),
-                **(general_data if data is self.general_data else task_data),
-                **(feature if losses is self.feature_losses else {"losses": (*at, "label_losses")}),
-                "train": (*at, "steps", i),
-            }
+            losses = self.feature_losses + (self.label_losses if labels else [])
             stage = StageSpec(
-                name=name, teacher=teacher, data=data, losses=losses, steps=self.steps[i]
+                name=name,
+                teacher=getattr(self, teacher),
+                data=getattr(self, data),
+                losses=losses,
+                steps=self.steps[i],
             )
+            where: dict[str, KeyPath] = {
+                "teacher": ("stages", teacher),
+                "data": ("stages", data),
+                "losses": ("stages", "label_losses" if labels else "feature_losses"),
+                "train": ("stages", "steps", i),
+            }
             out.append((stage, where))
         return out
 
@@ -187,6 +200,13 @@ class Recipe(Strict):
     stages: list[StageSpec] | ErnieTinyPreset | None = Field(
         None, description="a staged schedule: a list of stages, or a preset"
     )
+
+    @field_validator("stages")
+    @classmethod
+    def _some_stages(cls, stages: Any) -> Any:
+        if stages == []:
+            raise ValueError("stages: give at least one stage, or leave stages out")
+        return stages
 
     @model_validator(mode="before")
     @classmethod

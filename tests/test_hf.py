@@ -385,6 +385,8 @@ train: {{steps: 9, optimizer: {{name: adamw, lr: 0.5}}}}
     assert (where.line, where.key_path) == (7, "stages.task_data.kwargs")
     only = load_recipe(_write(tmp_path, text + "", "b.yaml"), ["stages.only=[task-specific]"])
     assert [name for name, _ in only.stage_views()] == ["task-specific"]
+    with pytest.raises(RecipeErrors, match="unknown stages \\['task-specfic'\\]"):
+        load_recipe(tmp_path / "b.yaml", ["stages.only=[task-specfic]"])
 
 
 @pytest.mark.parametrize(
