@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compressor.errors import CompressorError, RecipeError, RecipeErrors
-from compressor.graph_pass import OUTPUT, node_module_path, node_shape, original_output, tapped
+from compressor.graph_pass import (
+    OUTPUT,
+    format_shape,
+    node_module_path,
+    node_shape,
+    original_output,
+    tapped,
+)
 from compressor.plugin_manager import AUTOLOAD_ENV
 from compressor.recipe import Recipe, load_recipe
 from compressor.registry import Registry
@@ -213,16 +220,7 @@ def _describe_graphs(plan: DistillPlan, prefix: str) -> list[str]:
 
 
 def _shape_text(shape: tuple[Any, ...] | None) -> str:
-    """The batch (dimension 0, dynamic in every captured graph) prints as N."""
-    if shape is None:
-        return ""
-    return (
-        "["
-        + ", ".join(
-            "N" if i == 0 or not isinstance(d, int) else str(d) for i, d in enumerate(shape)
-        )
-        + "]"
-    )
+    return "" if shape is None else format_shape(shape)
 
 
 def summarize(report: dict[str, Any], run_dir: Path) -> str:

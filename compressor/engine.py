@@ -6,30 +6,22 @@ RNG state, so a resumed run follows the same loss trajectory as an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from compressor.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from compressor.errors import CompressorError, TrainingStopped
-from compressor.evaluate import evaluate
-from compressor.graph_pass import (
-    OUTPUT,
-    draw_inputs,
-    graph_input_specs,
-    graph_inputs,
-    split_outputs,
-)
-from compressor.loading import batch_size, call_model, collate
-from compressor.losses import LossInputs
-from compressor.optim import OptimizerFactory, ScheduleFactory
+from compressor.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from compressor.errors import CompressorError, TrainingStopped, failure
 from compressor.plan import DistillPlan
 
 METRICS = "metrics.jsonl"
@@ -59,27 +51,16 @@ def train(
     plan: DistillPlan, run_dir: Path, resume: bool = False, progress: bool = True
 ) -> TrainResult:
     recipe, cfg, device = plan.recipe, plan.recipe.train, plan.device
-    pm = plan.registry.pm
     losses = nn.ModuleList([bound.term for bound in plan.losses])
-    optimizer_factory: OptimizerFactory = plan.registry.create(
-        "optimizer", cfg.optimizer.name, cfg.optimizer.options
-    )
-    schedule_factory: ScheduleFactory = plan.registry.create(
-        "schedule", cfg.schedule.name, cfg.schedule.options
-    )
     params = plan.trainable_parameters()
-    optimizer = optimizer_factory.build(params)
-    scheduler = schedule_factory.build(optimizer, cfg.steps)
+    optimizer = plan.optimizer.build(params)
+    scheduler = plan.schedule.build(optimizer, cfg.steps)
     checkpoints = run_dir / "checkpoints"
     metrics_path = run_dir / METRICS
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     n_train = len(plan.data.train)
-    # inputs that passes added (MAE's kept patches): what to draw, and which graph takes what
-    input_specs = graph_input_specs([plan.student_graph, plan.teacher_graph])
-    student_inputs = list(graph_inputs(plan.student_graph))
-    teacher_inputs = (
-        list(graph_inputs(plan.teacher_graph)) if plan.teacher_graph is not None else []
-    )
+    # on a GPU, loss values are read back only when logged, evaluated or checkpointed: every
+    # read is a device sync; on the CPU reading them costs nothing, so every step is checked
+    read_every_step = device.type == "cpu"
 
     run_dir.mkdir(parents=True, exist_ok=True)
     start, last_good = 0, None
@@ -100,92 +81,77 @@ def train(
     def log(record: dict[str, Any]) -> None:
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        pm.hook.compressor_metrics_logged(record=record, run_dir=run_dir)
+        plan.hooks.compressor_metrics_logged(record=record, run_dir=run_dir)
 
-    def checkpoint(step: int) -> Checkpoint:
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        }
-        # the training graph holds the student's weights and the modules passes added to it
-        return save_checkpoint(
-            checkpoints, step, plan.student_graph, losses, state, cfg.keep_checkpoints
-        )
+    def score(step: int) -> dict[str, float]:
+        with failure(f"evaluation at step {step}: the student's eval graph"):
+            return plan.evaluator(plan.student_eval_graph)
 
-    def score() -> dict[str, float]:
-        return evaluate(
-            plan.student_eval_graph,
-            plan.data,
-            recipe.data.eval_batch_size,
-            device,
-            plan.reference_embeddings(),
-        )
-
-    initial_scores = score() if start == 0 else {}
+    bar = Progress(cfg.steps, start, enabled=progress)
+    initial_scores = score(0) if start == 0 else {}
     if initial_scores:  # the student as it starts: what distillation improves on
         log({"step": 0, **{f"eval/{k}": v for k, v in initial_scores.items()}})
-    bar = Progress(cfg.steps, start, enabled=progress)
+    labels = [bound.label for bound in plan.losses]
+    pending: list[tuple[int, torch.Tensor, float]] = []  # (step, terms [T], lr) not yet read
+
+    def read_back() -> None:
+        """Log the pending steps; stop on the first non-finite loss among them."""
+        values = torch.stack([terms for _, terms, _ in pending]).float().cpu().tolist()
+        for (step, _, lr), row in zip(pending, values, strict=True):
+            terms = dict(zip(labels, row, strict=True))
+            total = math.fsum(row)
+            if not math.isfinite(total):
+                log({"step": step, "event": "non_finite_loss", "loss": total, **terms})
+                bar.close()
+                raise TrainingStopped(_non_finite(step, total, terms, last_good))
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log({"step": step, "loss": total, **terms, "lr": lr})
+        bar.show_terms({"loss": total, **terms})
+        pending.clear()
+
     began = time.perf_counter()
     for step in range(start, cfg.steps):
-        x, y = collate(
-            plan.data.train,
-            batch_indices(step, n_train, recipe.data.batch_size, recipe.seed),
-            device,
-        )
-        extra = draw_inputs(input_specs, batch_size(x), device)  # one draw for both graphs
-        with autocast:
-            s_result = call_model(plan.student_graph, x, **{n: extra[n] for n in student_inputs})
-            s_out, s_taps = split_outputs(plan.student_graph, s_result)  # logits [B, C], taps
-            student = {OUTPUT: s_out, **s_taps}
-            teacher: dict[str, torch.Tensor] = {}
-            if plan.teacher_graph is not None:
-                with torch.no_grad():
-                    t_result = call_model(
-                        plan.teacher_graph, x, **{n: extra[n] for n in teacher_inputs}
-                    )
-                    t_out, t_taps = split_outputs(plan.teacher_graph, t_result)
-                teacher = {OUTPUT: t_out, **t_taps}
-            inputs = LossInputs(student, teacher, y, x)
-            terms = {b.label: b.weight * b.term(inputs) for b in plan.losses}
-            loss = torch.stack([t.float() for t in terms.values()]).sum()
-        values = {name: float(t.detach()) for name, t in terms.items()}
-        total = float(loss.detach())
-        if not math.isfinite(total):
-            log({"step": step + 1, "event": "non_finite_loss", "loss": total, **values})
-            bar.close()
-            kept = (
-                f"the last good checkpoint is {last_good.path}"
-                if last_good
-                else "no checkpoint was written yet"
-            )
-            raise TrainingStopped(
-                f"loss became {total} at step {step + 1} (terms: "
-                + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                + f"); training stopped and {kept}.\n  try a lower learning rate or train.grad_clip, "
-                "then continue with --resume"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        guard = _guard(step + 1)
+        indices = batch_indices(step, n_train, recipe.data.batch_size, recipe.seed)
+        x, y = plan.data.batch("train", indices, device)
+        terms = plan.loss_terms(x, y, guard)
+        stacked = torch.stack([t.float() for t in terms.values()])  # [terms]
+        with guard("the backward pass", ("losses",)):
+            optimizer.zero_grad(set_to_none=True)
+            stacked.sum().backward()
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
 
         done = step + 1
-        bar.update(done, recipe.data.batch_size, {"loss": total, **values})
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            log({"step": done, "loss": total, **values, "lr": scheduler.get_last_lr()[0]})
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            scores = score()
+        pending.append((done, stacked.detach(), float(scheduler.get_last_lr()[0])))
+        evaluate_now = done % cfg.eval_every == 0 or done == cfg.steps
+        checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if read_every_step or evaluate_now or checkpoint_now or done % cfg.log_every == 0:
+            read_back()
+        bar.advance(done)
+        if evaluate_now:
+            with bar.paused():
+                scores = score(done)
             if scores:  # a stage may have no metric of its own (general distillation)
                 log({"step": done, **{f"eval/{k}": v for k, v in scores.items()}})
                 bar.note(
                     f"eval at step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
                 )
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            last_good = checkpoint(done)
+        if checkpoint_now:
+            with bar.paused():
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                }
+                # the training graph holds the student's weights and what passes added to it
+                last_good = save_checkpoint(
+                    checkpoints, done, plan.student_graph, losses, state, cfg.keep_checkpoints
+                )
     bar.close()
+    seconds = time.perf_counter() - began
     history = read_metrics(metrics_path)
     initial = {
         k.removeprefix("eval/"): v
@@ -194,7 +160,28 @@ def train(
         for k, v in r.items()
         if k.startswith("eval/")
     }
-    return TrainResult(run_dir, cfg.steps, score(), initial, history, time.perf_counter() - began)
+    return TrainResult(run_dir, cfg.steps, score(cfg.steps), initial, history, seconds)
+
+
+def _non_finite(step: int, total: float, terms: dict[str, float], last_good: Any) -> str:
+    values = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+    if last_good is not None:
+        kept = f"the last good checkpoint is {last_good.path}"
+        then = "then continue with --resume"
+    else:
+        kept = "no checkpoint was written yet"
+        then = "then run again (with --overwrite)"
+    return (
+        f"loss became {total} at step {step} (terms: {values}); training stopped and {kept}."
+        f"\n  try a lower learning rate or train.grad_clip, {then}"
+    )
+
+
+def _guard(step: int) -> Any:
+    def guard(part: str, path: Any) -> contextlib.AbstractContextManager[None]:
+        return failure(f"training step {step}: {part}")
+
+    return guard
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -210,37 +197,87 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 class Progress:
-    """One status line: step, loss terms, samples/s, ETA. Redrawn on a terminal, printed every
-    few percent otherwise (logs and CI)."""
+    """Step, loss terms, steady-state rate and ETA. On a terminal a tqdm bar; otherwise (logs,
+    CI) one line every 5% of the steps. The rate leaves out warm-up (the first steps, where
+    kernels compile) and the time spent evaluating and checkpointing."""
 
     def __init__(self, total: int, start: int, enabled: bool = True):
         self.total, self.start, self.enabled = total, start, enabled
         self.tty = sys.stderr.isatty()
-        self.began = time.perf_counter()
-        self.samples = 0
-        self.last_print = -1
+        self.warmup = start + max(1, min(10, (total - start) // 50))
+        self.timed_steps, self.timed_seconds = 0, 0.0
+        self.mark = time.perf_counter()
+        self.began = self.mark
+        self.terms = ""
+        self.last_line = -1
+        self.bar = _Bar(
+            total=total,
+            initial=start,
+            disable=not (enabled and self.tty),
+            file=sys.stderr,
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+        )
 
-    def update(self, step: int, batch: int, values: dict[str, float]) -> None:
-        self.samples += batch
-        if not self.enabled:
-            return
-        elapsed = max(time.perf_counter() - self.began, 1e-9)
-        rate = (step - self.start) / elapsed
-        eta = (self.total - step) / rate if rate > 0 else 0.0
-        terms = " ".join(f"{k}={v:.4f}" for k, v in values.items())
-        line = f"step {step}/{self.total} {terms} | {self.samples / elapsed:.0f} samples/s | ETA {eta:.0f}s"
-        if self.tty:
-            sys.stderr.write("\r" + line[:200] + "\033[K")
-            sys.stderr.flush()
-        elif step * 10 // self.total != self.last_print or step == self.total:
-            self.last_print = step * 10 // self.total
-            print(line, file=sys.stderr, flush=True)
+    def advance(self, step: int) -> None:
+        now = time.perf_counter()
+        if step > self.warmup:
+            self.timed_steps += 1
+            self.timed_seconds += now - self.mark
+        self.mark = now
+        self.bar.steady_rate = self.rate()
+        self.bar.update(1)
+        if self.enabled and not self.tty and (step * 20 // self.total != self.last_line):
+            self.last_line = step * 20 // self.total
+            print(self.line(step), file=sys.stderr, flush=True)
+
+    def rate(self) -> float:
+        """Steady-state steps per second; 0 (shown as '?') until warm-up is over."""
+        return self.timed_steps / self.timed_seconds if self.timed_seconds > 0 else 0.0
+
+    def line(self, step: int) -> str:
+        return tqdm.format_meter(
+            step,
+            self.total,
+            time.perf_counter() - self.began,
+            initial=self.start,
+            unit="step",
+            rate=self.rate(),
+            postfix=self.terms,
+            ncols=0,
+        )
+
+    def show_terms(self, values: dict[str, float]) -> None:
+        self.terms = " ".join(f"{k}={v:.4f}" for k, v in values.items())
+        self.bar.set_postfix_str(self.terms, refresh=False)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside does not count towards the rate."""
+        try:
+            yield
+        finally:
+            self.mark = time.perf_counter()
 
     def note(self, text: str) -> None:
         if self.enabled:
-            prefix = "\r\033[K" if self.tty else ""
-            print(prefix + text, file=sys.stderr, flush=True)
+            if self.tty:
+                self.bar.write(text, file=sys.stderr)
+            else:
+                print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
+        self.bar.close()
+
+
+class _Bar(tqdm):
+    """tqdm with our steady-state rate in place of its own average (which counts warm-up)."""
+
+    steady_rate = 0.0
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        info = dict(super().format_dict)
+        info["rate"] = self.steady_rate
+        return info

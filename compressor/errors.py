@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -62,9 +64,42 @@ class ExportError(CompressorError):
     """An exported artifact failed verification against the PyTorch student."""
 
 
+@dataclass(frozen=True)
+class Problem:
+    """A problem a plugin's check found, at a key path of the recipe (`()`: the recipe as a
+    whole), with what is allowed there when that helps."""
+
+    message: str
+    path: tuple[str | int, ...] = ()
+    allowed: str | None = None
+
+
+class RunFailed(CompressorError):
+    """Code outside compressor's checks failed during a run (a model, a plugin, torch): the
+    message names the phase and the part that failed; the traceback goes to a log file."""
+
+    def __init__(self, phase: str, cause: BaseException):
+        self.phase = phase
+        self.cause = cause
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        super().__init__(f"{phase} failed: {type(cause).__name__}: {first}")
+
+
 class RecipeErrors(CompressorError):
     """Several recipe problems found in one pass, reported together."""
 
     def __init__(self, errors: list[RecipeError]):
         self.errors = errors
         super().__init__("\n".join(str(e) for e in errors))
+
+
+@contextlib.contextmanager
+def failure(phase: str) -> Iterator[None]:
+    """Errors from code outside compressor's checks (models, plugins, torch) become a
+    RunFailed naming `phase`; the pipeline logs their traceback in the run folder."""
+    try:
+        yield
+    except CompressorError:
+        raise
+    except Exception as exc:
+        raise RunFailed(phase, exc) from exc

@@ -17,6 +17,7 @@ Conventions every pass shares:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,11 +25,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import fx
+from torch._functorch import predispatch
 
-from compressor.components import Component
+from compressor.components import Component, OptionsT
 from compressor.errors import PassError
 
 TAPS_META = "compressor_taps"
+NOTES_META = "compressor_pass_notes"
 SCAFFOLD_META = "compressor_scaffold"
 BYPASS = "bypass"
 INPUT_META = "compressor_input"
@@ -40,6 +43,18 @@ PROVIDED = "@"  # prefix of tap names that passes provide
 class PassResult:
     graph_module: fx.GraphModule
     modified: bool
+    # what the pass decided on its own, for `compress validate` and `compress graph` to show
+    # (e.g. which nodes OFA branches read)
+    notes: list[str] = field(default_factory=list)
+
+
+class NodeError(ValueError):
+    """A pass cannot handle a node: `run_passes` reports the pass, the passes before it and
+    the node with its module path."""
+
+    def __init__(self, message: str, node: fx.Node | None):
+        super().__init__(message)
+        self.node = node
 
 
 @dataclass
@@ -53,10 +68,9 @@ class PassContext:
     peer: fx.GraphModule | None = None
 
 
-class GraphPass(Component):
+class GraphPass(Component[OptionsT]):
     """A rewrite of a captured graph. Subclasses set `name` and implement `__call__`."""
 
-    kind: ClassVar[str] = "graph_pass"
     runs_after: ClassVar[tuple[str, ...]] = ()
     runs_before: ClassVar[tuple[str, ...]] = ()
     provides_taps: ClassVar[tuple[str, ...]] = ()  # `@name` taps this pass creates
@@ -91,6 +105,15 @@ def node_shape(node: fx.Node) -> tuple[Any, ...] | None:
     if meta is not None and hasattr(meta, "shape"):
         return tuple(meta.shape)
     return None
+
+
+def format_shape(shape: tuple[Any, ...] | None) -> str:
+    """A shape for people: `[N, 64, 8, 8]`. Captured graphs have a dynamic batch (N) and, for
+    text, a dynamic sequence (T); torch's internal symbols (`s77`) never reach a message."""
+    if shape is None:
+        return "unknown"
+    dims = [str(d) if isinstance(d, int) else ("N" if i == 0 else "T") for i, d in enumerate(shape)]
+    return "[" + ", ".join(dims) + "]"
 
 
 def token_grid(tokens: int) -> tuple[int | None, int]:
@@ -225,15 +248,20 @@ def split_outputs(gm: fx.GraphModule, result: Any) -> tuple[Any, dict[str, torch
     return result, {}
 
 
+# Calls that change interpreter state although they return nothing anyone reads: transformers
+# builds attention masks under torch.vmap, and a graph that lost the nesting calls around the
+# vmapped ops fails when it runs ("your tensor may have escaped from inside a function being
+# vmapped"). fx's own list has the jvp pair but not these.
+_STATEFUL_CALLS = {predispatch._vmap_increment_nesting, predispatch._vmap_decrement_nesting}
+
+
 def _is_impure(node: fx.Node) -> bool:
-    # Unlike fx's default, dropout and other seeded ops are pure here: a truncated teacher
-    # must lose the layers after its deepest tap even when they contain dropout.
-    if node.op in ("placeholder", "output"):
+    # fx's rules (mutation, side-effectful calls, effect tokens), except that dropout and other
+    # seeded ops are pure here: a truncated teacher must lose the layers after its deepest tap
+    # even when they contain dropout.
+    if node.op == "call_function" and node.target in _STATEFUL_CALLS:
         return True
-    if node.op == "call_function":
-        schema = getattr(node.target, "_schema", None)
-        return bool(schema is not None and schema.is_mutable)
-    return node.op == "call_module" and node.is_impure()
+    return node.is_impure(impure_random=False)
 
 
 def delete_unused_submodules(gm: fx.GraphModule) -> None:
@@ -315,7 +343,7 @@ def run_passes(
         except PassError:
             raise
         except Exception as exc:
-            node = getattr(exc, "node", None)
+            node = exc.node if isinstance(exc, NodeError) else None
             at = (
                 f" at node {node.name!r} ({node_module_path(node) or 'top-level module'})"
                 if node
@@ -327,4 +355,20 @@ def run_passes(
             ) from exc
         gm = result.graph_module
         ran.append(graph_pass.name)
+        for note in result.notes:
+            gm.meta.setdefault(NOTES_META, []).append(f"{graph_pass.name}: {note}")
     return gm
+
+
+def pass_notes(gm: fx.GraphModule) -> list[str]:
+    """What the passes that rewrote `gm` decided on their own (`PassResult.notes`)."""
+    return list(gm.meta.get(NOTES_META, []))
+
+
+def fork(gm: fx.GraphModule) -> fx.GraphModule:
+    """A second GraphModule over the same parameters and buffers with its own copy of the
+    graph, so passes can rewrite one (truncate a teacher) and leave the other whole."""
+    graph = copy.deepcopy(gm.graph)
+    forked = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    forked.meta.update(gm.meta)
+    return forked

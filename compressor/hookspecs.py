@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     from torch import fx
 
+    from compressor.errors import Problem
+    from compressor.loading import DataBundle
     from compressor.recipe import Recipe
 
 PROJECT = "compressor"
@@ -27,8 +29,14 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # -- recipe ---------------------------------------------------------------------------------
 @hookspec
-def compressor_validate_recipe(recipe: Recipe) -> list[str] | None:
-    """Return problems found in a parsed recipe (each a sentence naming key and fix)."""
+def compressor_validate_recipe(recipe: Recipe) -> list[str | Problem] | None:
+    """Return problems found in a parsed recipe: a `Problem` at a key path, or a sentence
+    (reported at the top of the recipe). Any problem stops the run before anything loads."""
+
+
+@hookspec
+def compressor_stage_presets() -> list[type]:
+    """Return StagePreset classes (`compressor.recipe.StagePreset`): `stages: {preset: ...}`."""
 
 
 # -- load -----------------------------------------------------------------------------------
@@ -40,6 +48,14 @@ def compressor_model_loaders() -> list[type]:
 @hookspec
 def compressor_data_loaders() -> list[type]:
     """Return DataLoader classes (`compressor.loading.DataLoader`)."""
+
+
+@hookspec
+def compressor_validate_models(
+    recipe: Recipe, teacher: torch.nn.Module | None, student: torch.nn.Module, data: DataBundle
+) -> list[str | Problem] | None:
+    """Return problems with the loaded models and data, before they are captured (e.g. the
+    teacher and student tokenizers differ). Same forms as `compressor_validate_recipe`."""
 
 
 # -- module passes (nn.Module -> nn.Module) ----------------------------------------------------
@@ -66,6 +82,13 @@ def compressor_graph_passes() -> list[type]:
 @hookspec
 def compressor_losses() -> list[type]:
     """Return LossTerm classes (`compressor.losses.LossTerm`)."""
+
+
+# -- evaluation -------------------------------------------------------------------------------
+@hookspec
+def compressor_evaluators() -> list[type]:
+    """Return Evaluator classes (`compressor.evaluate.Evaluator`), named by the data task
+    they score (`classification`, `language-modeling`, `embedding`)."""
 
 
 # -- engine -----------------------------------------------------------------------------------

@@ -2,61 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import sysconfig
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from compressor.components import Component
+from compressor.components import Component, OptionsT
 from compressor.errors import RecipeError
-from compressor.recipe import DataSpec, ModelSpec, Recipe, did_you_mean
+from compressor.recipe import DataSpec, Recipe, did_you_mean
 from compressor.yaml_positions import KeyPath
 
 # A model's inputs: one tensor (images, features), or named tensors for models whose forward
 # takes several (Hugging Face: input_ids, attention_mask), passed as keyword arguments.
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 Batch = tuple[Inputs, torch.Tensor]  # (inputs, target)
+# The label of a target element that is not scored (padding, prompts), as in torch's losses.
+IGNORE = -100
 
 
 @dataclass
 class DataBundle:
-    """Map-style train and eval datasets whose items are (inputs, target) pairs."""
+    """What a data loader returns: map-style train and eval datasets whose items are
+    (inputs, target) pairs, the task that names the evaluator scoring them
+    (`classification`, `language-modeling`, `embedding`, or a plugin's own), and how a list
+    of items becomes a batch (`collate_fn`; a loader may trim padding there)."""
 
     train: Sequence[Any]
     eval: Sequence[Any]
     task: str = "classification"
     num_classes: int | None = None
+    collate_fn: Callable[[list[Any]], Batch] = default_collate
 
-
-def collate(dataset: Sequence[Any], indices: Iterable[Any], device: torch.device) -> Batch:
-    inputs, target = default_collate([dataset[int(i)] for i in indices])
-    if isinstance(inputs, dict):
-        inputs, target = _trim_padding(inputs, target)
-    return to_device(inputs, device), target.to(device)
-
-
-def _trim_padding(
-    inputs: dict[str, torch.Tensor], target: torch.Tensor
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Texts are stored padded to a fixed length; a batch keeps only up to its longest text
-    (columns where every attention_mask entry is 0 change nothing but cost time)."""
-    mask = inputs.get("attention_mask")
-    if mask is None or mask.dim() != 2:
-        return inputs, target
-    used = mask.any(0).nonzero()
-    length = max(2, int(used.max()) + 1) if len(used) else 2  # 1 would specialise in export
-    inputs = {k: v[:, :length] if v.dim() == 2 else v for k, v in inputs.items()}
-    if target.dim() == 2:  # per-token labels
-        target = target[:, :length]
-    return inputs, target
+    def batch(self, split: str, indices: Iterable[Any], device: torch.device) -> Batch:
+        """The items at `indices` of `split` ("train" or "eval") as one batch on `device`."""
+        dataset = self.train if split == "train" else self.eval
+        inputs, target = self.collate_fn([dataset[int(i)] for i in indices])
+        return to_device(inputs, device), target.to(device)
 
 
 def to_device(inputs: Inputs, device: torch.device) -> Inputs:
@@ -81,38 +74,52 @@ def call_model(model: Any, inputs: Inputs, **extra: torch.Tensor) -> Any:
     return model(inputs, **extra)
 
 
-class ModelLoader(Component):
-    kind: ClassVar[str] = "model_loader"
+class ModelLoader(Component[OptionsT]):
+    """Builds a model from its options: the keys beside `loader:` in `teacher:`/`student:`.
+    `path` is where those keys sit in the recipe (`("teacher",)`), for located errors."""
 
-    def load(self, spec: ModelSpec, recipe: Recipe, path: KeyPath) -> nn.Module:
+    def load(self, recipe: Recipe, path: KeyPath) -> nn.Module:
         raise NotImplementedError
 
 
-class DataLoader(Component):
-    kind: ClassVar[str] = "data_loader"
+class DataLoader(Component[OptionsT]):
+    """Builds the train and eval data from its options (`data.kwargs`); `spec` is the
+    whole `data:` section (batch sizes)."""
 
     def load(self, spec: DataSpec, recipe: Recipe) -> DataBundle:
         raise NotImplementedError
 
 
 def resolve_callable(target: str, recipe: Recipe, path: KeyPath) -> Callable[..., Any]:
-    """`package.module:function`, or `path/to/file.py:function` relative to the recipe."""
+    """`package.module:function`, or `path/to/file.py:function` relative to the recipe.
+
+    While the module is imported, the recipe's folder is on the import path, so a model file
+    can import its neighbours; whatever the import raises is a recipe error at `path` that
+    names the user's file and line."""
     where = recipe.locate(path)
     module_part, sep, attr = target.rpartition(":")
     if not sep or not module_part or not attr:
         raise RecipeError(
             where, f"{target!r} does not name a callable", "module:function or file.py:function"
         )
-    if module_part.endswith(".py"):
-        file = recipe.resolve(module_part)
-        if not file.is_file():
-            raise RecipeError(where, f"file not found: {file}")
-        module = import_file(file)
-    else:
-        try:
-            module = importlib.import_module(module_part)
-        except ImportError as exc:
+    folder = recipe.path.parent
+    try:
+        if module_part.endswith(".py"):
+            file = recipe.resolve(module_part)
+            if not file.is_file():
+                raise RecipeError(where, f"file not found: {file}")
+            module = import_file(file)
+        else:
+            with _on_import_path(folder):
+                module = importlib.import_module(module_part)
+    except RecipeError:
+        raise
+    except ModuleNotFoundError as exc:
+        if exc.name and module_part.startswith(exc.name):
             raise RecipeError(where, f"cannot import {module_part!r}: {exc}") from None
+        raise user_code_error(where, f"importing {module_part}", exc, folder) from None
+    except Exception as exc:
+        raise user_code_error(where, f"importing {module_part}", exc, folder) from None
     function = getattr(module, attr, None)
     if not callable(function):
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
@@ -127,16 +134,82 @@ def resolve_callable(target: str, recipe: Recipe, path: KeyPath) -> Callable[...
 def call_with_kwargs(
     function: Callable[..., Any], kwargs: dict[str, Any], recipe: Recipe, path: KeyPath
 ) -> Any:
-    """Call with recipe kwargs; a wrong keyword is a recipe error naming the signature."""
+    """Call with recipe kwargs; a wrong keyword is a recipe error naming the signature, and
+    an exception from the function is a recipe error naming the user's file and line."""
     signature = inspect.signature(function)
     try:
         signature.bind(**kwargs)
     except TypeError as exc:
         raise RecipeError(recipe.locate(path), f"{function.__name__}{signature}: {exc}") from None
-    return function(**kwargs)
+    try:
+        return function(**kwargs)
+    except Exception as exc:
+        called = f"{function.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+        raise user_code_error(
+            recipe.locate(path), f"calling {called}", exc, recipe.path.parent
+        ) from None
+
+
+def user_code_error(where: Any, doing: str, exc: BaseException, folder: Path) -> RecipeError:
+    """A recipe error for an exception raised by the user's code: what was being done, the
+    user's file:line (the innermost frame in the recipe's folder, else outside libraries),
+    then the exception."""
+    frame = user_frame(exc, folder)
+    at = f"\n  at {frame}" if frame else ""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return RecipeError(where, f"{doing} raised {type(exc).__name__}: {first}{at}")
+
+
+def user_frame(exc: BaseException, folder: Path | None = None) -> str | None:
+    """`file:line in function: source` of the innermost traceback frame that is the user's:
+    inside `folder` if any is, else outside Python's, the installed packages' and
+    compressor's own files."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+
+    def under(frame: traceback.FrameSummary, root: Path) -> bool:
+        return Path(frame.filename).resolve().is_relative_to(root)
+
+    chosen = [f for f in frames if folder is not None and under(f, folder.resolve())]
+    if not chosen:
+        chosen = [f for f in frames if not any(under(f, lib) for lib in _library_folders())]
+    if not chosen:
+        return None
+    frame = chosen[-1]
+    line = (frame.line or "").strip()
+    return f"{frame.filename}:{frame.lineno} in {frame.name}" + (f": {line}" if line else "")
+
+
+@functools.cache
+def _library_folders() -> tuple[Path, ...]:
+    import compressor.cuda
+    import compressor.passes
+    import compressor.plugins
+
+    ours = [
+        Path(p)
+        for m in (compressor.cuda, compressor.passes, compressor.plugins)
+        for p in m.__path__
+    ]
+    stdlib = [sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")]
+    return tuple({p.resolve() for p in [*ours, Path(__file__).parent, *map(Path, stdlib)]})
+
+
+@contextlib.contextmanager
+def _on_import_path(folder: Path) -> Iterator[None]:
+    entry = str(folder.resolve())
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if added and entry in sys.path:
+            sys.path.remove(entry)
 
 
 def import_file(file: Path) -> Any:
+    """Import a Python file as a module of its own, with its folder on the import path while
+    it runs (so it can import its neighbours). A failed import leaves nothing behind."""
     name = f"compressor_user_{abs(hash(str(file.resolve())))}"
     if name in sys.modules:
         return sys.modules[name]
@@ -144,7 +217,12 @@ def import_file(file: Path) -> Any:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        with _on_import_path(file.parent):
+            spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 

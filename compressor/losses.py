@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from compressor.components import Component
+from compressor.components import Component, OptionsT
 
 Shapes = dict[str, tuple[Any, ...] | None]
 
@@ -27,20 +27,26 @@ class LossInputs:
     batch: Any = None
 
 
-class LossTerm(Component, nn.Module):
-    kind: ClassVar[str] = "loss"
+class LossTerm(Component[OptionsT], nn.Module):
+    """A term of the training loss. `reads` names what it needs from each graph; the plan taps
+    those, calls `setup` once with their captured shapes (make learned pieces there), and the
+    engine calls `forward` every step with the values (`LossInputs`)."""
+
     needs_teacher: ClassVar[bool] = True
 
-    def __init__(self, options: Any = None):
+    def __init__(self, options: OptionsT | None = None):
         nn.Module.__init__(self)
         Component.__init__(self, options)
 
     def reads(self) -> dict[str, list[str]]:
-        """Names read from each graph: `output` or module paths, keyed by role."""
+        """Names read from each graph, keyed by role: `output` (the model's own output), a
+        module path (`features.4`, `encoder.layer.2.attention.self:softmax`) or a tap a pass
+        provides (`@ofa`)."""
         return {"student": ["output"], "teacher": ["output"] if self.needs_teacher else []}
 
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
-        """Called once with the captured shapes of what `reads` names, before training."""
+        """Called once with the captured shapes of what `reads` names, before training; raise
+        ValueError for shapes the term cannot take (a located recipe error)."""
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from torch import nn
 
-from compressor.components import Component
+from compressor.components import Component, OptionsT
 
 
 @dataclass
@@ -16,8 +15,9 @@ class ModulePassContext:
     teacher: nn.Module | None
 
 
-class ModulePass(Component):
-    kind: ClassVar[str] = "module_pass"
+class ModulePass(Component[OptionsT]):
+    """Rewrites a model before capture and returns it (or a new one); raise ValueError for a
+    model it cannot rewrite (a located recipe error at the pass)."""
 
     def __call__(self, module: nn.Module, context: ModulePassContext) -> nn.Module:
         raise NotImplementedError

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
 
 import torch
 
-from compressor.components import Component
+from compressor.components import Component, OptionsT
 
 
-class OptimizerFactory(Component):
-    kind: ClassVar[str] = "optimizer"
+class OptimizerFactory(Component[OptionsT]):
+    """Builds the optimizer over the trainable parameters (student and learned loss pieces)."""
 
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         raise NotImplementedError
 
 
-class ScheduleFactory(Component):
-    kind: ClassVar[str] = "schedule"
+class ScheduleFactory(Component[OptionsT]):
+    """A learning-rate multiplier per step; `build` wraps it in a LambdaLR."""
 
     def factor(self, step: int, total_steps: int) -> float:
         """Multiplier of the base learning rate at `step` (0-based)."""

@@ -1,4 +1,4 @@
-"""`compress recipe.yaml`: plan, train, (baseline), strip, export, verify, report.
+"""`compress recipe.yaml`: plan, train (and a baseline), export and verify, measure, report.
 
 The run folder is created only after the whole recipe has been validated and planned, so a
 broken recipe writes nothing.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ from safetensors.torch import load_model, save_model
 
 from compressor.checkpoint import latest_checkpoint
 from compressor.engine import TrainResult, train
-from compressor.errors import CompressorError, ExportError, RecipeError
-from compressor.evaluate import evaluate
-from compressor.export import Exporter, ExportResult
+from compressor.errors import CompressorError, ExportError, RecipeError, RunFailed, failure
+from compressor.export import Artifact, ExportResult
+from compressor.measure import measure
 from compressor.plan import DistillPlan, build_plan, plan_stages
 from compressor.recipe import LossSpec, Recipe
 from compressor.registry import Registry
@@ -41,6 +42,9 @@ def run(
     progress: bool = True,
     overrides: tuple[str, ...] | list[str] = (),
 ) -> RunSummary:
+    """plan -> train -> export -> measure -> report, each phase using what the one before
+    produced. Everything that can be checked is checked by the plan, before the run folder
+    exists; a failure after that names its phase and leaves its traceback in error.log."""
     stages = plan_stages(recipe, registry)
     plan = stages[-1][1]
     if recipe.report.baseline and recipe.stages is not None:
@@ -55,34 +59,38 @@ def run(
     run_dir = recipe.run_dir()
     _claim_run_dir(run_dir, resume, overwrite)
     _write_recipe_copy(recipe, run_dir, overrides)
+    try:
+        if recipe.stages is None:
+            result = train(plan, run_dir, resume=resume, progress=progress)
+            stage_results: list[dict[str, Any]] = []
+        else:
+            result, stage_results = train_stages(stages, run_dir, resume, progress)
+        baseline: TrainResult | None = None
+        if baseline_plan is not None:
+            base_dir = run_dir / "baseline"
+            base_resume = resume and latest_checkpoint(base_dir / "checkpoints") is not None
+            baseline = train(baseline_plan, base_dir, resume=base_resume, progress=progress)
 
-    if recipe.stages is None:
-        result = train(plan, run_dir, resume=resume, progress=progress)
-        stage_results: list[dict[str, Any]] = []
-    else:
-        result, stage_results = train_stages(stages, run_dir, resume, progress)
-    baseline: TrainResult | None = None
-    if baseline_plan is not None:
-        base_dir = run_dir / "baseline"
-        base_resume = resume and latest_checkpoint(base_dir / "checkpoints") is not None
-        baseline = train(baseline_plan, base_dir, resume=base_resume, progress=progress)
-
-    save_model(plan.student, str(run_dir / "student.safetensors"))
-    exports = export_student(plan, run_dir / "export")
-    report = build_report(plan, result, baseline, exports, run_dir)
-    if stage_results:
-        report["stages"] = stage_results
+        save_model(plan.student, str(run_dir / "student.safetensors"))
+        exports = export_artifacts(plan, run_dir / "export")
+        measured = measure(plan, exports)
+    except RunFailed as exc:
+        log = run_dir / "error.log"
+        log.write_text("".join(traceback.format_exception(exc.cause)))
+        raise CompressorError(f"{exc}\n  full traceback: {log}") from exc
+    report = build_report(plan, result, baseline, exports, measured, stage_results)
     registry.pm.hook.compressor_write_report(report=report, run_dir=run_dir)
-    failed = [e for e in exports if not e.ok]
+    student_exports = [e for e in exports if e.role == "student"]
+    failed = [e.result for e in student_exports if not e.result.ok]
     if failed:
         raise ExportError(
             "; ".join(
-                f"{e.exporter} export {e.path} differs from PyTorch by {e.max_abs_diff:.3g} "
+                f"{e.label} export {e.path} differs from PyTorch by {e.max_abs_diff:.3g} "
                 f"(tolerance {e.tolerance:.3g})"
                 for e in failed
             )
         )
-    return RunSummary(run_dir, report, exports)
+    return RunSummary(run_dir, report, [e.result for e in student_exports])
 
 
 def train_stages(
@@ -125,13 +133,8 @@ def train_stages(
             history.append({**record, "step": record["step"] + offset, "stage": name})
         # the final task's metric after every stage: what each stage contributed
         last = stages[-1][1]
-        summary["task_eval"] = evaluate(
-            last.student_eval_graph,
-            last.data,
-            last.recipe.data.eval_batch_size,
-            last.device,
-            last.reference_embeddings(),
-        )
+        with failure(f"evaluation after stage {name!r}"):
+            summary["task_eval"] = last.evaluator(last.student_eval_graph)
         initial = initial or summary["initial_eval"]
         final = summary["final_eval"]
         offset += summary["steps"]
@@ -153,27 +156,36 @@ def baseline_recipe(recipe: Recipe) -> Recipe:
     )
 
 
-def export_student(plan: DistillPlan, out_dir: Path) -> list[ExportResult]:
-    results: list[ExportResult] = []
-    if not plan.recipe.export:
-        return results
-    graph = plan.student_eval_graph
+def export_artifacts(plan: DistillPlan, out_dir: Path) -> list[Artifact]:
+    """Every exporter of the plan on the student (what is shipped) and on the whole teacher
+    (to measure what the student saves); each artifact verified against PyTorch."""
+    artifacts: list[Artifact] = []
     inputs = plan.verify_inputs()
-    for i, spec in enumerate(plan.recipe.export):
-        exporter: Exporter = plan.registry.create(
-            "exporter", spec.name, spec.options, plan.recipe, ("export", i)
-        )
-        results.append(
-            exporter.export(graph, plan.example_inputs, inputs, out_dir, "student", plan.student)
-        )
-    return results
+    roles = [("student", plan.student_eval_graph, plan.student)]
+    if plan.teacher_eval_graph is not None and plan.teacher is not None:
+        roles.append(("teacher", plan.teacher_eval_graph, plan.teacher))
+    for bound in plan.exporters:
+        # two entries of one exporter write to folders of their own
+        folder = out_dir if bound.label == bound.exporter.name else out_dir / bound.label
+        for role, graph, module in roles:
+            with failure(f"export {bound.label!r} of the {role}"):
+                result = bound.exporter.export(
+                    graph, plan.example_inputs, inputs, folder, role, module
+                )
+            result.label = bound.label
+            artifacts.append(Artifact(role, bound.label, bound.exporter, result))
+    return artifacts
 
 
 def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    has_run = any((run_dir / sub).exists() for sub in ("checkpoints", "metrics.jsonl", "stages"))
+    """A folder holds a run when there is something to resume or a finished report; what a
+    run that failed before its first checkpoint left can be written over."""
+    folders = [run_dir / "checkpoints", *run_dir.glob("stages/*/checkpoints")]
+    resumable = any(latest_checkpoint(folder) is not None for folder in folders)
+    has_run = resumable or any(run_dir.glob("stages/*/done.json"))
+    has_run = has_run or (run_dir / "report.json").is_file()
     if resume:
-        folders = [run_dir / "checkpoints", *run_dir.glob("stages/*/checkpoints")]
-        if all(latest_checkpoint(folder) is None for folder in folders):
+        if not resumable and not any(run_dir.glob("stages/*/done.json")):
             raise CompressorError(f"--resume: {run_dir} has no checkpoint to resume from")
         return
     if has_run and not overwrite:

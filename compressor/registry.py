@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from compressor.components import Component
 from compressor.errors import PluginError, RecipeError, RecipeErrors
 from compressor.plugin_manager import PluginInfo, make_plugin_manager
-from compressor.recipe import Recipe, did_you_mean, validation_errors
-from compressor.yaml_positions import KeyPath
+from compressor.recipe import did_you_mean, validation_errors
+from compressor.yaml_positions import KeyPath, SourceMap
 
 # kind -> (provider hook, base class every provided component must subclass)
 KINDS: dict[str, tuple[str, str]] = {
@@ -24,7 +24,9 @@ KINDS: dict[str, tuple[str, str]] = {
     "loss": ("compressor_losses", "compressor.losses:LossTerm"),
     "optimizer": ("compressor_optimizers", "compressor.optim:OptimizerFactory"),
     "schedule": ("compressor_schedules", "compressor.optim:ScheduleFactory"),
+    "evaluator": ("compressor_evaluators", "compressor.evaluate:Evaluator"),
     "exporter": ("compressor_exporters", "compressor.export:Exporter"),
+    "stage_preset": ("compressor_stage_presets", "compressor.recipe:StagePreset"),
 }
 
 
@@ -90,37 +92,38 @@ class Registry:
                     out.setdefault(kind, []).append(provided.name)
         return out
 
-    def lookup(self, kind: str, name: str, recipe: Recipe | None, path: KeyPath) -> type[Any]:
+    def lookup(self, kind: str, name: str, source: SourceMap | None, path: KeyPath) -> type[Any]:
         table = self.components[kind]
         if name in table:
             return table[name].cls
         allowed = ", ".join(self.names(kind)) or "(none registered)"
         problem = f"unknown {kind.replace('_', ' ')} {name!r}{did_you_mean(name, table.keys())}"
-        if recipe is None:
+        if source is None:
             raise PluginError(f"{problem}; registered: {allowed}")
-        raise RecipeError(recipe.locate(path), problem, allowed)
+        raise RecipeError(source.locate(path), problem, allowed)
 
     def create(
         self,
         kind: str,
         name: str,
         options: dict[str, Any],
-        recipe: Recipe | None = None,
+        source: SourceMap | None = None,
         path: KeyPath = (),
         name_path: KeyPath | None = None,
     ) -> Any:
         """Look `name` up and build it from `options` validated against its Options model.
 
-        `path` is where the options sit in the recipe; `name_path` where the name does
-        (default: the `name` key beside the options).
+        `source` and `path` say where the options sit in the recipe, `name_path` where the
+        name does (default: the `name` key beside the options); without `source` errors are
+        PluginErrors (components the core builds itself, such as `strip`).
         """
-        cls = self.lookup(kind, name, recipe, (*path, "name") if name_path is None else name_path)
+        cls = self.lookup(kind, name, source, (*path, "name") if name_path is None else name_path)
         try:
             validated = cls.Options.model_validate(options)
         except ValidationError as exc:
-            if recipe is None:
+            if source is None:
                 raise PluginError(f"{kind} {name!r}: bad options: {exc}") from None
-            errors = validation_errors(exc, recipe.source, path, cls.Options)
+            errors = validation_errors(exc, source, path, cls.Options)
             for error in errors:
                 # name the component whose options these are, and what it takes
                 error.args = (f"{error} [{kind.replace('_', ' ')} {name!r}]",)

@@ -20,10 +20,13 @@ class SourceMap:
     keys: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
     values: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
     overridden: set[KeyPath] = field(default_factory=set)
+    # keys a preset wrote on the user's behalf -> where the user wrote what they hold
+    aliases: dict[KeyPath, KeyPath] = field(default_factory=dict)
 
     def locate(self, path: KeyPath, prefer_key: bool = False) -> Location:
         """The closest known position for `path`, walking up to its parents."""
-        probe = tuple(path)
+        path = self.unalias(tuple(path))
+        probe = path
         while True:
             if probe in self.overridden:
                 return Location("<command line>", None, None, format_path(path))
@@ -35,6 +38,16 @@ class SourceMap:
             if not probe:
                 return Location(self.file, None, None, format_path(path))
             probe = probe[:-1]
+
+    def unalias(self, path: KeyPath) -> KeyPath:
+        """`path` rewritten through the longest alias that prefixes it (repeatedly)."""
+        for _ in range(8):  # aliases may chain; never loop forever on a bad table
+            prefixes = [a for a in self.aliases if path[: len(a)] == a]
+            if not prefixes:
+                return path
+            longest = max(prefixes, key=len)
+            path = (*self.aliases[longest], *path[len(longest) :])
+        return path
 
 
 def format_path(path: KeyPath) -> str:
@@ -60,6 +73,8 @@ def load_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
         mark = exc.problem_mark
         location = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
         raise RecipeError(location, f"invalid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:  # e.g. a control character the YAML reader refuses
+        raise RecipeError(Location(file), f"invalid YAML: {exc}", "a YAML text file") from None
     return data, source
 
 

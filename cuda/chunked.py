@@ -25,7 +25,7 @@ TEMPORARIES = 8
 
 class ChunkedDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         student_logits: torch.Tensor,  # [N, V]
         teacher_logits: torch.Tensor,  # [N, V]
@@ -82,4 +82,4 @@ def divergence(
     weights = row_weights(s.shape[0], mask, temperature**2 if t2_scale else 1.0, s.device)
     row_fn = row_fn or (compiled_row_fn() if compiled else None) or weighted_rows_and_grad
     rows = s.shape[0] if chunk_bytes is None else rows_per_chunk(vocab, chunk_bytes, TEMPORARIES)
-    return ChunkedDivergence.apply(s, t, weights, kind, beta, temperature, rows, row_fn)  # type: ignore[no-any-return]
+    return ChunkedDivergence.apply(s, t, weights, kind, beta, temperature, rows, row_fn)

@@ -22,7 +22,7 @@ TEMPORARIES = 10  # fp32 [rows, V] arrays alive per chunk: both logits, grad, ro
 
 class FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         student_hidden: torch.Tensor,  # [N, Hs]
         student_weight: torch.Tensor,  # [V, Hs]
@@ -106,7 +106,7 @@ def fused_linear_divergence(
     chunk = rows_per_chunk(student_weight.shape[0], memory_budget, TEMPORARIES)
     tw = teacher_weight.detach()
     tb = teacher_bias.detach() if teacher_bias is not None else None
-    return FusedLinearDivergence.apply(  # type: ignore[no-any-return]
+    return FusedLinearDivergence.apply(
         hs,
         student_weight,
         student_bias,

@@ -5,8 +5,11 @@
 - `chunked`:   an autograd Function computing the gradient in the forward over row chunks
                sized in bytes; the per-chunk math is compiled where torch.compile works.
 - `triton`:    Triton kernels (NVIDIA GPUs; CPU tensors under TRITON_INTERPRET=1).
-- `auto`:      triton on CUDA when it imports, else chunked. If the automatic choice fails
-               at run time, the call falls back to the reference with a warning.
+- `auto`:      by size and device: the reference for tensors under AUTO_MIN_ELEMENTS
+               elements (narrow rows, where a kernel's per-call and compile cost outweigh
+               what it saves), else triton on CUDA when it imports, else chunked. If the
+               automatic choice fails at run time, the call falls back to the reference with
+               a warning.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from compressor.cuda.rowwise import compiled_row_fn, row_weights, weighted_rows_
 IMPLEMENTATIONS = ("reference", "compiled", "chunked", "triton")
 CHOICES = ("auto", *IMPLEMENTATIONS)
 _failed_automatic: set[tuple[str, str]] = set()
+# Below this many elements ([N, V] logits, [N, D] features) `auto` runs the reference: on 2 CPU
+# cores the chunked kernel is 1.4x slower than it at 64 x 10 and breaks even near 2^18, and it
+# costs seconds of compilation on first use; from 4M elements on it is 2.5-5x faster.
+AUTO_MIN_ELEMENTS = 2**22
 
 
 def unavailable_reason(impl: str, device: torch.device) -> str | None:
@@ -43,9 +50,12 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
     return None
 
 
-def resolve(impl: str, device: torch.device) -> str:
-    """The implementation that will run; an explicit choice that cannot run is an error."""
+def resolve(impl: str, device: torch.device, elements: int | None = None) -> str:
+    """The implementation that will run on tensors of `elements` elements (None: large);
+    an explicit choice that cannot run is an error."""
     if impl == "auto":
+        if elements is not None and elements < AUTO_MIN_ELEMENTS:
+            return "reference"
         return (
             "triton"
             if unavailable_reason("triton", device) is None and device.type == "cuda"
@@ -62,11 +72,14 @@ def resolve(impl: str, device: torch.device) -> str:
 def _dispatch(
     op: str,
     impl: str,
-    device: torch.device,
+    like: torch.Tensor,
     run: Callable[[str], torch.Tensor],
     fallback: Callable[[], torch.Tensor],
+    elements: int | None = None,
 ) -> torch.Tensor:
-    chosen = resolve(impl, device)
+    """Run the chosen implementation for tensors like `like` (`elements` of them, default
+    `like.numel()`), falling back to the reference if an automatic choice fails."""
+    chosen = resolve(impl, like.device, like.numel() if elements is None else elements)
     if impl != "auto" or chosen == "reference":
         return run(chosen)
     if (op, chosen) in _failed_automatic:
@@ -115,7 +128,7 @@ def divergence(
             row_fn=_triton().divergence_rows,
         )
 
-    return _dispatch("divergence", impl, student_logits.device, run, lambda: run("reference"))
+    return _dispatch("divergence", impl, student_logits, run, lambda: run("reference"))
 
 
 def linear_divergence(
@@ -166,7 +179,12 @@ def linear_divergence(
         )
 
     return _dispatch(
-        "linear_divergence", impl, student_hidden.device, run, lambda: run("reference")
+        "linear_divergence",
+        impl,
+        student_hidden,
+        run,
+        lambda: run("reference"),
+        elements=student_hidden.numel() // student_hidden.shape[-1] * student_weight.shape[0],
     )
 
 
@@ -188,24 +206,24 @@ def feature_loss(
             return reference.feature_loss(student, teacher, kind, dim)
         if name in ("compiled", "chunked"):  # a single fused pass is what compiling gives here
             return _compiled_feature()(student, teacher, kind, dim)
-        return _TritonFeature.apply(student, teacher.detach(), kind, dim)  # type: ignore[no-any-return]
+        return _TritonFeature.apply(student, teacher.detach(), kind, dim)
 
-    return _dispatch("feature_loss", impl, student.device, run, lambda: run("reference"))
+    return _dispatch("feature_loss", impl, student, run, lambda: run("reference"))
 
 
 @functools.cache
 def _compiled_divergence() -> Callable[..., torch.Tensor]:
-    return torch.compile(reference.divergence, dynamic=True)  # type: ignore[return-value]
+    return torch.compile(reference.divergence, dynamic=True)
 
 
 @functools.cache
 def _compiled_linear() -> Callable[..., torch.Tensor]:
-    return torch.compile(reference.linear_divergence, dynamic=True)  # type: ignore[return-value]
+    return torch.compile(reference.linear_divergence, dynamic=True)
 
 
 @functools.cache
 def _compiled_feature() -> Callable[..., torch.Tensor]:
-    return torch.compile(reference.feature_loss, dynamic=True)  # type: ignore[return-value]
+    return torch.compile(reference.feature_loss, dynamic=True)
 
 
 def _triton() -> Any:
@@ -218,7 +236,7 @@ class _TritonFeature(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, student: torch.Tensor, teacher: torch.Tensor, kind: str, dim: int
-    ) -> torch.Tensor:  # type: ignore[override]
+    ) -> torch.Tensor:
         # rows along `dim`: move it last, keep a contiguous [R, D] view
         s = student.movedim(dim, -1).contiguous()
         t = teacher.movedim(dim, -1).contiguous()
@@ -232,7 +250,7 @@ class _TritonFeature(torch.autograd.Function):
         )
         ctx.save_for_backward(grad)
         ctx.dim = dim
-        return loss  # type: ignore[no-any-return]
+        return loss
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

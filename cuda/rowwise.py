@@ -84,7 +84,7 @@ def compiled_row_fn() -> RowFn | None:
             weighted_rows_and_grad(s, t, w, want, "forward_kl", 0.5, 1.0),
         )
         torch.testing.assert_close(got, want)
-        return fn  # type: ignore[no-any-return]
+        return fn
     except Exception as exc:  # pragma: no cover - depends on the machine
         warnings.warn(
             f"torch.compile is unavailable ({type(exc).__name__}: {exc}); using eager row math",

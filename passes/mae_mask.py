@@ -27,8 +27,10 @@ from compressor.graph_pass import (
     INPUT_META,
     SCAFFOLD_META,
     GraphPass,
+    NodeError,
     PassContext,
     PassResult,
+    format_shape,
     module_paths,
     node_module_path,
     node_shape,
@@ -54,11 +56,10 @@ def keep_tokens(tokens: torch.Tensor, keep: torch.Tensor, class_tokens: int) -> 
     return torch.cat([tokens[:, :class_tokens], tokens[:, class_tokens:].gather(1, index)], dim=1)
 
 
-class MAEMask(GraphPass):
+class MAEMask(GraphPass[MAEOptions]):
     """Mask patch tokens (same random subset for teacher and student) before the first block."""
 
     name = "mae_mask"
-    Options = MAEOptions
     runs_before = ("tap", "truncate_teacher")
 
     def __call__(self, gm: fx.GraphModule, context: PassContext) -> PassResult:
@@ -73,22 +74,20 @@ class MAEMask(GraphPass):
             )
         baked = next((n for n in inside if isinstance(n.target, torch._ops.OpOverload)), None)
         if baked is not None:
-            error = ValueError(
+            raise NodeError(
                 f"the {context.role} graph was captured by torch.export, which bakes the token "
                 f"count into ops such as {baked.target}; token masking needs capture.method: "
-                "symbolic_trace, where modules read the sequence length when they run"
+                "symbolic_trace, where modules read the sequence length when they run",
+                baked,
             )
-            error.node = baked  # type: ignore[attr-defined]
-            raise error
         tokens = next((a for a in inside[0].all_input_nodes if not _in_scope(a, block)), None)
         shape = node_shape(tokens) if tokens is not None else None
         if tokens is None or shape is None or len(shape) != 3 or not isinstance(shape[1], int):
-            error = ValueError(
+            raise NodeError(
                 f"the input of {block!r} in the {context.role} is not patch tokens (N, T, D): "
-                f"node {getattr(tokens, 'name', '?')!r} has shape {list(shape) if shape else 'unknown'}"
+                f"node {getattr(tokens, 'name', '?')!r} has shape {format_shape(shape)}",
+                tokens or inside[0],
             )
-            error.node = tokens or inside[0]  # type: ignore[attr-defined]
-            raise error
         count = int(shape[1])
         side, detected = token_grid(count)
         class_tokens = (

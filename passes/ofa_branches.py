@@ -28,8 +28,10 @@ from torch import fx, nn
 from compressor.graph_pass import (
     SCAFFOLD_META,
     GraphPass,
+    NodeError,
     PassContext,
     PassResult,
+    format_shape,
     module_paths,
     node_shape,
     original_output,
@@ -164,11 +166,10 @@ def pre_logit_width(gm: fx.GraphModule | None) -> int | None:
     return int(shape[-1]) if shape and isinstance(shape[-1], int) else None
 
 
-class OFABranches(GraphPass):
+class OFABranches(GraphPass[OFAOptions]):
     """OFA-KD: branch heads projecting student stages into logit space (tap `@ofa`)."""
 
     name = "ofa_branches"
-    Options = OFAOptions
     provides_taps = (TAP,)
 
     def __call__(self, gm: fx.GraphModule, context: PassContext) -> PassResult:
@@ -206,8 +207,8 @@ class OFABranches(GraphPass):
     def _width(node: fx.Node, stage: str) -> int:
         shape = node_shape(node)
         if shape is None:
-            raise _node_error(
-                node, f"stage {stage!r}: the captured graph has no shape for node {node.name!r}"
+            raise NodeError(
+                f"stage {stage!r}: the captured graph has no shape for node {node.name!r}", node
             )
         return int(shape[1] if len(shape) == 4 else shape[-1])
 
@@ -219,17 +220,11 @@ class OFABranches(GraphPass):
             return TokenBranch(int(shape[1]), int(shape[2]), width, classes, self.options.blocks)
         if len(shape) == 2:
             return VectorBranch(int(shape[1]), width, classes)
-        raise _node_error(
+        raise NodeError(
+            f"stage {stage!r} (node {node.name!r}) has shape {format_shape(shape)}; OFA branches "
+            "take (N, C, H, W) feature maps, (N, L, D) tokens or (N, D) vectors",
             node,
-            f"stage {stage!r} (node {node.name!r}) has shape {list(shape)}; OFA branches take "
-            "(N, C, H, W) feature maps, (N, L, D) tokens or (N, D) vectors",
         )
-
-
-def _node_error(node: fx.Node, message: str) -> ValueError:
-    error = ValueError(message)
-    error.node = node  # type: ignore[attr-defined]
-    return error
 
 
 @hookimpl

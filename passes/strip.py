@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from torch import fx
 
+from compressor.components import NoOptions
 from compressor.graph_pass import (
     BYPASS,
     SCAFFOLD_META,
     GraphPass,
+    NodeError,
     PassContext,
     PassResult,
     eliminate_dead_code,
@@ -24,7 +26,7 @@ from compressor.graph_pass import (
 from compressor.hookspecs import hookimpl
 
 
-class Strip(GraphPass):
+class Strip(GraphPass[NoOptions]):
     """Remove taps and scaffolding nodes so the graph is the plain student."""
 
     name = "strip"
@@ -39,12 +41,11 @@ class Strip(GraphPass):
                 node.replace_all_uses_with(node.args[0])
         for node in reversed(scaffold):
             if node.users:
-                error = RuntimeError(
+                raise NodeError(
                     f"scaffolding node still feeds {[u.name for u in node.users]}; "
-                    "scaffolding may only feed other scaffolding or taps"
+                    "scaffolding may only feed other scaffolding or taps",
+                    node,
                 )
-                error.node = node  # type: ignore[attr-defined]
-                raise error
             gm.graph.erase_node(node)
         eliminate_dead_code(gm)
         return PassResult(gm, modified=True)

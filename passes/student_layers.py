@@ -14,9 +14,9 @@ import copy
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from compressor.hf import HFModule, decoder_layers
 from compressor.hookspecs import hookimpl
 from compressor.module_pass import ModulePass, ModulePassContext
+from compressor.plugins.hf import HFModule, decoder_layers
 
 
 class StudentLayersOptions(BaseModel):
@@ -34,11 +34,10 @@ class StudentLayersOptions(BaseModel):
         return self
 
 
-class StudentLayers(ModulePass):
+class StudentLayers(ModulePass[StudentLayersOptions]):
     """Keep chosen transformer blocks of a Hugging Face model (BERT or Llama family)."""
 
     name = "student_layers"
-    Options = StudentLayersOptions
 
     def __call__(self, module: nn.Module, context: ModulePassContext) -> nn.Module:
         if not isinstance(module, HFModule):
@@ -46,7 +45,7 @@ class StudentLayers(ModulePass):
                 f"student_layers needs a Hugging Face model (loader: hf), got {type(module).__name__}"
             )
         o = self.options
-        path, blocks = decoder_layers(module.hf_model)  # type: ignore[arg-type]
+        path, blocks = decoder_layers(module.hf_model)
         depth = len(blocks)
         keep = o.layers if o.layers is not None else list(range(0, depth, o.keep_every or 1))
         bad = [i for i in keep if not 0 <= i < depth]

@@ -28,11 +28,10 @@ class TapOptions(BaseModel):
     nodes: list[str] = []
 
 
-class Tap(GraphPass):
+class Tap(GraphPass[TapOptions]):
     """Expose intermediate outputs (module paths) as extra graph outputs."""
 
     name = "tap"
-    Options = TapOptions
 
     def __call__(self, gm: fx.GraphModule, context: PassContext) -> PassResult:
         taps = tapped(gm)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from compressor.components import NoOptions
 from compressor.graph_pass import (
     GraphPass,
     PassContext,
@@ -20,7 +21,7 @@ from compressor.graph_pass import (
 from compressor.hookspecs import hookimpl
 
 
-class TruncateTeacher(GraphPass):
+class TruncateTeacher(GraphPass[NoOptions]):
     """Remove teacher layers after the deepest node a loss reads."""
 
     name = "truncate_teacher"

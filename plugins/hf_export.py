@@ -22,9 +22,9 @@ from torch import fx, nn
 from compressor.capture import OUTPUT_NAME_META
 from compressor.errors import ExportError
 from compressor.export import ExportResult
-from compressor.hf import TASKS, HFModule
 from compressor.hookspecs import hookimpl
 from compressor.loading import Inputs, batch_size, call_model, to_device
+from compressor.plugins.hf import TASKS, HFModule
 from compressor.plugins.onnx_export import ONNXExporter, export_onnx, verify_onnx
 
 
@@ -32,6 +32,13 @@ class HFExporter(ONNXExporter):
     """ONNX in a Hugging Face folder (config, tokenizer, weights), checked in optimum."""
 
     name = "hf"
+
+    def check(self, module: nn.Module, device: torch.device) -> None:
+        if not isinstance(module, HFModule):
+            raise ValueError(
+                f"exporter 'hf' writes Hugging Face folders, and the student is a "
+                f"{type(module).__name__}, not a model loaded with loader: hf"
+            )
 
     def export(
         self,

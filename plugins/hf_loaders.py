@@ -5,22 +5,25 @@ Everything loads offline (`local_files_only`): no machine here reaches a model h
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.utils.data import default_collate
 
-from compressor.errors import RecipeError
-from compressor.evaluate import IGNORE
-from compressor.hf import TASKS, HFModule, package_folder
+from compressor.errors import Problem, RecipeError
 from compressor.hookspecs import hookimpl
-from compressor.loading import DataBundle, DataLoader, ModelLoader
-from compressor.recipe import DataSpec, ModelSpec, PackageRef, Recipe
-from compressor.text import docstring_families, prose_sentences
+from compressor.loading import IGNORE, Batch, DataBundle, DataLoader, ModelLoader
+from compressor.plugins.hf import TASKS, HFModule, package_folder
+from compressor.plugins.text_corpora import docstring_families, prose_sentences
+from compressor.recipe import DataSpec, ModelSpec, Recipe
 from compressor.yaml_positions import KeyPath
 
 ALLOWED_MODEL = (
@@ -28,18 +31,44 @@ ALLOWED_MODEL = (
 )
 
 
-def model_location(spec: ModelSpec, recipe: Recipe, path: KeyPath) -> tuple[Path, str | None]:
-    """(folder, GGUF file name or None) named by a model spec; errors point at `model:`."""
+class PackageRef(BaseModel):
+    """A folder (or file) shipped inside an installed Python package (models on PyPI)."""
+
+    model_config = ConfigDict(extra="forbid")
+    package: str
+    path: str = ""
+
+
+class HFModelOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | PackageRef = Field(description=ALLOWED_MODEL)
+    task: Literal["feature-extraction", "sequence-classification", "causal-lm"] = Field(
+        "feature-extraction", description="which head the model is loaded with"
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed to from_pretrained (e.g. num_labels)"
+    )
+
+
+def hf_options(spec: ModelSpec | None) -> HFModelOptions | None:
+    """The hf loader's options of a model spec, or None if it is not loaded with `hf`."""
+    if spec is None or spec.loader != HFModelLoader.name:
+        return None
+    return HFModelOptions.model_validate(spec.options)
+
+
+def model_location(
+    options: HFModelOptions, recipe: Recipe, path: KeyPath
+) -> tuple[Path, str | None]:
+    """(folder, GGUF file name or None) named by the options; errors point at `model:`."""
     where = recipe.locate((*path, "model"))
-    if spec.model is None:
-        raise RecipeError(where, "the hf loader needs model:", ALLOWED_MODEL)
-    if isinstance(spec.model, PackageRef):
+    if isinstance(options.model, PackageRef):
         try:
-            target = package_folder(spec.model.package, spec.model.path)
+            target = package_folder(options.model.package, options.model.path)
         except FileNotFoundError as exc:
             raise RecipeError(where, str(exc), ALLOWED_MODEL) from None
     else:
-        target = recipe.resolve(spec.model)
+        target = recipe.resolve(options.model)
     if target.suffix == ".gguf":
         if not target.is_file():
             raise RecipeError(where, f"GGUF file not found: {target}", ALLOWED_MODEL)
@@ -58,13 +87,44 @@ def load_tokenizer(folder: Path, gguf: str | None) -> Any:
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": gguf} if gguf else {}
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
     if tokenizer.pad_token is None:  # decoder tokenizers often have none; padding is masked
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-class HFModelLoader(ModelLoader):
+class _Once(logging.Filter):
+    """Let each distinct message through once per process: loading a model for every stage
+    (and again for validate) should not repeat transformers' notices."""
+
+    seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
+
+
+_ONCE = _Once()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one status line is ours
+    logger = logging.getLogger("transformers")
+    logger.addFilter(_ONCE)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_ONCE)
+
+
+class HFModelLoader(ModelLoader[HFModelOptions]):
     """A transformers model loaded with the Auto class of its `task`, and its tokenizer.
 
     Attention is eager unless `kwargs.attn_implementation` says otherwise, so attention
@@ -72,27 +132,28 @@ class HFModelLoader(ModelLoader):
 
     name = "hf"
 
-    def load(self, spec: ModelSpec, recipe: Recipe, path: KeyPath) -> nn.Module:
+    def load(self, recipe: Recipe, path: KeyPath) -> nn.Module:
         import transformers
 
-        transformers.utils.logging.disable_progress_bar()  # one status line is ours
-        folder, gguf = model_location(spec, recipe, path)
-        auto = getattr(transformers, TASKS[spec.task][0])
-        kwargs: dict[str, Any] = {"attn_implementation": "eager", **spec.kwargs}
+        o = self.options
+        folder, gguf = model_location(o, recipe, path)
+        auto = getattr(transformers, TASKS[o.task][0])
+        kwargs: dict[str, Any] = {"attn_implementation": "eager", **o.kwargs}
         if gguf:
             kwargs["gguf_file"] = gguf
         try:
-            model = auto.from_pretrained(str(folder), local_files_only=True, **kwargs)
+            with _quiet_transformers():
+                model = auto.from_pretrained(str(folder), local_files_only=True, **kwargs)
             tokenizer = load_tokenizer(folder, gguf)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RecipeError(
                 recipe.locate((*path, "model")),
-                f"transformers cannot load {folder / (gguf or '')} as {spec.task}: {first}",
+                f"transformers cannot load {folder / (gguf or '')} as {o.task}: {first}",
             ) from None
-        if spec.task == "causal-lm" and model.config.pad_token_id is None:
+        if o.task == "causal-lm" and model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
-        return HFModule(model, spec.task, tokenizer)
+        return HFModule(model, o.task, tokenizer)
 
 
 Task = Literal["embedding", "classification", "language-modeling"]
@@ -116,13 +177,26 @@ class TextOptions(BaseModel):
     prompt_field: str = Field("prompt", description="jsonl, language-modeling: unscored part")
 
 
-class TextData(DataLoader):
+def trim_padding(items: list[Any]) -> Batch:
+    """Collate text rows stored padded to a fixed length, keeping only up to the batch's
+    longest text (columns where every attention_mask entry is 0 change nothing but cost
+    time)."""
+    inputs, target = default_collate(items)
+    mask = inputs["attention_mask"]
+    used = mask.any(0).nonzero()
+    length = max(2, int(used.max()) + 1) if len(used) else 2  # 1 would specialise in export
+    inputs = {k: v[:, :length] if v.dim() == 2 else v for k, v in inputs.items()}
+    if target.dim() == 2:  # per-token labels
+        target = target[:, :length]
+    return inputs, target
+
+
+class TextData(DataLoader[TextOptions]):
     """Texts tokenised with a model's tokenizer: fixed-length rows (padding is trimmed per
     batch), a deterministic train/eval split, and for language modelling packed blocks
     (jsonl prompt/response rows instead keep their prompts and padding unscored)."""
 
     name = "text"
-    Options = TextOptions
 
     def load(self, spec: DataSpec, recipe: Recipe) -> DataBundle:
         o = self.options
@@ -141,7 +215,7 @@ class TextData(DataLoader):
         splits = [order[n_eval:], order[:n_eval]]
         if o.task == "language-modeling":
             train, eval_ = (self._lm(tokenizer, [rows[i] for i in part]) for part in splits)
-            return DataBundle(train, eval_, "language-modeling")
+            return DataBundle(train, eval_, "language-modeling", collate_fn=trim_padding)
         names = sorted(set(labels)) if labels is not None else []
         datasets = [
             self._encoded(
@@ -152,22 +226,25 @@ class TextData(DataLoader):
             for part in splits
         ]
         task = "classification" if o.task == "classification" else "embedding"
-        return DataBundle(datasets[0], datasets[1], task, len(names) or None)
+        return DataBundle(
+            datasets[0], datasets[1], task, len(names) or None, collate_fn=trim_padding
+        )
 
     def _tokenizer(self, recipe: Recipe) -> Any:
         o = self.options
         where: KeyPath = ("data", "kwargs", "tokenizer")
         if o.tokenizer in ("teacher", "student"):
-            spec = getattr(recipe, o.tokenizer)
-            if o.tokenizer == "student" and spec.from_teacher:
-                spec = recipe.teacher
-            if spec is None or spec.loader != "hf":
+            role = o.tokenizer
+            if role == "student" and recipe.student.from_teacher:
+                role = "teacher"  # the student is a copy of the teacher
+            options = hf_options(getattr(recipe, role))
+            if options is None:
                 raise RecipeError(
                     recipe.locate(where),
                     f"tokenizer: {o.tokenizer} needs a {o.tokenizer} loaded with loader: hf",
                     "teacher, student, or a model folder",
                 )
-            folder, gguf = model_location(spec, recipe, (o.tokenizer,))
+            folder, gguf = model_location(options, recipe, (role,))
             return load_tokenizer(folder, gguf)
         folder = recipe.resolve(o.tokenizer)
         if not folder.is_dir():
@@ -275,3 +352,87 @@ def compressor_model_loaders() -> list[type]:
 @hookimpl
 def compressor_data_loaders() -> list[type]:
     return [TextData]
+
+
+@hookimpl
+def compressor_validate_models(
+    recipe: Recipe, teacher: nn.Module | None, student: nn.Module, data: DataBundle
+) -> list[Problem]:
+    """Checks that would otherwise fail as a shape error deep in training: both models must
+    read the data's token ids with one vocabulary, and rows must fit their position tables."""
+    models = {"teacher": teacher, "student": student}
+    hf = {role: m for role, m in models.items() if isinstance(m, HFModule)}
+    problems: list[Problem] = []
+    if "teacher" in hf and "student" in hf:
+        problems += _same_tokenizer(hf["teacher"], hf["student"], recipe)
+    ids = _token_ids(data)
+    if ids is None:
+        return problems
+    longest, highest = ids
+    for role, model in hf.items():
+        rows = model.hf_model.get_input_embeddings().num_embeddings
+        if highest >= rows:
+            problems.append(
+                Problem(
+                    f"the data holds token id {highest}, but the {role}'s embedding table has "
+                    f"{rows} rows: the data was tokenised with another vocabulary than the "
+                    f"{role}'s",
+                    ("data", "kwargs", "tokenizer"),
+                    "a tokenizer whose vocabulary the teacher and the student share",
+                )
+            )
+        positions = _position_limit(model)
+        if positions is not None and longest > positions:
+            problems.append(
+                Problem(
+                    f"rows are {longest} tokens long, but the {role} has {positions} positions "
+                    f"({type(model.hf_model).__name__})",
+                    ("data", "kwargs", "max_length"),
+                    f"max_length of at most {positions}",
+                )
+            )
+    return problems
+
+
+def _same_tokenizer(teacher: HFModule, student: HFModule, recipe: Recipe) -> list[Problem]:
+    if teacher.tokenizer is None or student.tokenizer is None:
+        return []
+    t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
+    if t_vocab == s_vocab:
+        return []
+    moved = sum(1 for token, i in s_vocab.items() if t_vocab.get(token) != i)
+    where: tuple[str, ...] = ("student",) if not recipe.student.from_teacher else ("teacher",)
+    return [
+        Problem(
+            f"the teacher's and the student's tokenizers differ ({len(t_vocab)} and "
+            f"{len(s_vocab)} tokens; {moved} of the student's tokens have another id or none in "
+            "the teacher's): both models read the same token ids, so they need one vocabulary",
+            where,
+            "a student with the teacher's tokenizer (student: {from_teacher: true} with "
+            "student_layers, or a model folder whose tokenizer is the teacher's)",
+        )
+    ]
+
+
+def _token_ids(data: DataBundle) -> tuple[int, int] | None:
+    """(row length, highest token id) of text data; None for other inputs."""
+    longest, highest = 0, -1
+    for dataset in (data.train, data.eval):
+        for i in range(len(dataset)):
+            inputs = dataset[i][0]
+            if not isinstance(inputs, dict) or "input_ids" not in inputs:
+                return None
+            ids = inputs["input_ids"]
+            longest = max(longest, int(ids.shape[-1]))
+            highest = max(highest, int(ids.max()))
+    return longest, highest
+
+
+def _position_limit(model: HFModule) -> int | None:
+    """Rows a model with a learned position table can take (BERT, GPT-2); None for rotary
+    positions (Llama), which have no table to run off."""
+    for name, module in model.hf_model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if isinstance(module, nn.Embedding) and leaf in ("position_embeddings", "wpe"):
+            return int(module.num_embeddings)
+    return None

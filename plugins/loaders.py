@@ -20,33 +20,33 @@ from compressor.loading import (
     load_safetensors_weights,
     resolve_callable,
 )
-from compressor.recipe import DataSpec, ModelSpec, Recipe
+from compressor.recipe import DataSpec, Recipe
 from compressor.yaml_positions import KeyPath
 
 
-class CallableModel(ModelLoader):
+class CallableModelOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="module:function or file.py:function (relative to the recipe)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the function")
+    weights: str | None = Field(None, description="a .safetensors file (never a pickle)")
+
+
+class CallableModel(ModelLoader[CallableModelOptions]):
     """A model built by a Python callable (`module:function` or `file.py:function`)."""
 
     name = "callable"
 
-    def load(self, spec: ModelSpec, recipe: Recipe, path: KeyPath) -> nn.Module:
-        if not isinstance(spec.model, str):
-            raise RecipeError(
-                recipe.locate((*path, "model")),
-                "the callable loader needs model: module:function or file.py:function",
-                "for a Hugging Face model folder or package, set loader: hf",
-            )
-        build = resolve_callable(spec.model, recipe, (*path, "model"))
-        model = call_with_kwargs(build, spec.kwargs, recipe, (*path, "kwargs"))
+    def load(self, recipe: Recipe, path: KeyPath) -> nn.Module:
+        o = self.options
+        build = resolve_callable(o.model, recipe, (*path, "model"))
+        model = call_with_kwargs(build, o.kwargs, recipe, (*path, "kwargs"))
         if not isinstance(model, nn.Module):
             raise RecipeError(
                 recipe.locate((*path, "model")),
-                f"{spec.model} returned {type(model).__name__}, not a torch.nn.Module",
+                f"{o.model} returned {type(model).__name__}, not a torch.nn.Module",
             )
-        if spec.weights:
-            load_safetensors_weights(
-                model, recipe.resolve(spec.weights), recipe, (*path, "weights")
-            )
+        if o.weights:
+            load_safetensors_weights(model, recipe.resolve(o.weights), recipe, (*path, "weights"))
         return model
 
 
@@ -56,11 +56,10 @@ class CallableDataOptions(BaseModel):
     kwargs: dict[str, Any] = {}
 
 
-class CallableData(DataLoader):
+class CallableData(DataLoader[CallableDataOptions]):
     """Data from a Python callable that returns a `compressor.loading.DataBundle`."""
 
     name = "callable"
-    Options = CallableDataOptions
 
     def load(self, spec: DataSpec, recipe: Recipe) -> DataBundle:
         path: KeyPath = ("data", "kwargs")
@@ -82,11 +81,10 @@ class DigitsOptions(BaseModel):
     flatten: bool = Field(False, description="64-vectors instead of 1x8x8 images")
 
 
-class Digits(DataLoader):
+class Digits(DataLoader[DigitsOptions]):
     """scikit-learn's 1797 8x8 handwritten digits, stratified fixed train/eval split."""
 
     name = "digits"
-    Options = DigitsOptions
 
     def load(self, spec: DataSpec, recipe: Recipe) -> DataBundle:
         from sklearn.datasets import load_digits
@@ -101,7 +99,7 @@ class Digits(DataLoader):
             x_train, y_train = x_train[: o.train_limit], y_train[: o.train_limit]
         shape = (-1, 64) if o.flatten else (-1, 1, 8, 8)
 
-        def dataset(x: Any, y: Any) -> TensorDataset:
+        def dataset(x: Any, y: Any) -> Any:  # a TensorDataset: indexable, sized
             # pixel values are 0..16
             inputs = torch.tensor(x, dtype=torch.float32).reshape(shape) / 16.0
             return TensorDataset(inputs, torch.tensor(y, dtype=torch.long))

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from compressor.cuda import kernels
-from compressor.evaluate import IGNORE
 from compressor.hookspecs import hookimpl
+from compressor.loading import IGNORE
 from compressor.losses import LossInputs, LossTerm, Shapes
 
 # which kernel implementation computes the loss (compressor.cuda.kernels)
@@ -30,14 +30,22 @@ class KDOptions(BaseModel):
     teacher: str = "output"
 
 
-class LogitKD(LossTerm):
+class LogitKD(LossTerm[KDOptions]):
     """Logit distillation: T^2 * divergence(teacher || student) at temperature T (Hinton)."""
 
     name = "kd"
-    Options = KDOptions
 
     def reads(self) -> dict[str, list[str]]:
         return {"student": [self.options.student], "teacher": [self.options.teacher]}
+
+    def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
+        s, t = student_shapes[self.options.student], teacher_shapes[self.options.teacher]
+        if s and t and isinstance(s[-1], int) and isinstance(t[-1], int) and s[-1] != t[-1]:
+            raise ValueError(
+                f"loss 'kd': the student's {self.options.student!r} has {s[-1]} classes and the "
+                f"teacher's {self.options.teacher!r} {t[-1]}: KD compares distributions over "
+                "the same classes (for language models, the same vocabulary)"
+            )
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         o = self.options
@@ -75,11 +83,10 @@ class CEOptions(BaseModel):
     student: str = "output"
 
 
-class CrossEntropy(LossTerm):
+class CrossEntropy(LossTerm[CEOptions]):
     """Cross entropy of the student's logits against the ground-truth labels."""
 
     name = "ce"
-    Options = CEOptions
     needs_teacher = False
 
     def reads(self) -> dict[str, list[str]]:
@@ -105,14 +112,13 @@ class FeatureOptions(BaseModel):
     impl: Impl = "auto"
 
 
-class _FeatureLoss(LossTerm):
+class _FeatureLoss(LossTerm[FeatureOptions]):
     """Shared by feature losses: a learned projection when the widths differ.
 
     Features are (N, C, ...) for conv maps (channel dim 1) and (N, ..., D) otherwise.
     Conv maps of different spatial size are average-pooled to the teacher's size.
     """
 
-    Options = FeatureOptions
     kernel_kind = "mse"
 
     def reads(self) -> dict[str, list[str]]:
@@ -198,11 +204,10 @@ def ofa_term(
     return -(target * log_p_s).sum(-1).mean()
 
 
-class OFALoss(LossTerm):
+class OFALoss(LossTerm[OFALossOptions]):
     """OFA-KD with adaptive target enhancement, on the final logits and every `@ofa` branch."""
 
     name = "ofa"
-    Options = OFALossOptions
 
     def reads(self) -> dict[str, list[str]]:
         return {"student": ["output", "@ofa"], "teacher": ["output"]}

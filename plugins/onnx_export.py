@@ -31,11 +31,10 @@ class ONNXOptions(BaseModel):
     tolerance: float = Field(1e-4, gt=0, description="max abs difference allowed vs PyTorch")
 
 
-class ONNXExporter(Exporter):
+class ONNXExporter(Exporter[ONNXOptions]):
     """ONNX (dynamo exporter, dynamic batch axis), checked against PyTorch in onnxruntime."""
 
     name = "onnx"
-    Options = ONNXOptions
 
     def export(
         self,
@@ -78,11 +77,12 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
     batch = Dim("batch")
-    args: tuple[Any, ...] = tuple(to_device(x, torch.device("cpu")) for x in example_inputs)
+    placed = [to_device(x, graph_device(graph)) for x in example_inputs]
+    args: tuple[Any, ...] = tuple(placed)
     kwargs: dict[str, Any] = {}
     dynamic: Any = tuple({0: batch} for _ in args)
-    if len(args) == 1 and isinstance(args[0], dict):
-        args, kwargs = (), args[0]
+    if len(placed) == 1 and isinstance(placed[0], dict):
+        args, kwargs = (), placed[0]
         dynamic = {
             k: {0: batch, 1: Dim.AUTO} if v.dim() >= 2 else {0: batch} for k, v in kwargs.items()
         }
@@ -93,7 +93,7 @@ def export_onnx(
     ):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            graph.cpu(),  # export runs after training; artifacts are built on the CPU
+            graph,
             args,
             str(path),
             kwargs=kwargs,
@@ -107,6 +107,13 @@ def export_onnx(
             verbose=False,
         )
     return names
+
+
+def graph_device(graph: fx.GraphModule) -> torch.device:
+    """Where a graph's weights are: it is exported and checked there, never moved."""
+    for tensor in (*graph.parameters(), *graph.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _state_bytes(graph: fx.GraphModule) -> int:
@@ -123,10 +130,11 @@ def verify_onnx(
     for batch_inputs in verify_inputs:
         got = session.run(None, _feeds(names, batch_inputs))[0]
         with torch.no_grad():
-            cpu = [to_device(x, torch.device("cpu")) for x in batch_inputs]
+            here = [to_device(x, graph_device(graph)) for x in batch_inputs]
             want = (
-                (call_model(graph, cpu[0]) if isinstance(cpu[0], dict) else graph(*cpu))
+                (call_model(graph, here[0]) if isinstance(here[0], dict) else graph(*here))
                 .float()
+                .cpu()
                 .numpy()
             )
         if got.shape != want.shape:
@@ -155,7 +163,7 @@ def _quiet_torch_onnx() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _session(path: Path):  # type: ignore[no-untyped-def]
+def _session(path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()

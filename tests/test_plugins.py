@@ -37,6 +37,8 @@ BUILTIN = {
     "hf_loaders",
     "transformer_losses",
     "hf_export",
+    "evaluators",
+    "ernie_tiny",
 }
 
 

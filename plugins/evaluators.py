@@ -1,0 +1,147 @@
+"""Built-in evaluators, one per data task.
+
+- classification: accuracy and cross entropy of logits [B, C].
+- language-modeling: next-token cross entropy, perplexity and accuracy of logits [B, T, V]
+  against per-token labels [B, T] (-100 = not scored: padding, prompts).
+- embedding: agreement with the teacher on mean-pooled sentence embeddings: mean cosine
+  (same width only), Spearman correlation of all pairwise similarities, and top-1 retrieval
+  agreement (same nearest neighbour).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.components import NoOptions
+from compressor.evaluate import EvalContext, Evaluator
+from compressor.hookspecs import hookimpl
+from compressor.loading import IGNORE, call_model
+from compressor.plugins.hf import mean_pool
+
+
+def _batches(context: EvalContext) -> range:
+    return range(0, len(context.data.eval), context.batch_size)
+
+
+def _indices(context: EvalContext, start: int) -> range:
+    return range(start, min(start + context.batch_size, len(context.data.eval)))
+
+
+class _TokenScores(Evaluator[NoOptions]):
+    """Cross entropy and accuracy of logits against labels (-100 = not scored)."""
+
+    next_token = False
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        c = self.context
+        correct, loss_sum, count = 0, 0.0, 0
+        for start in _batches(c):
+            x, y = c.data.batch("eval", _indices(c, start), c.device)
+            logits = call_model(model, x).float()
+            if self.next_token:  # position t predicts token t + 1
+                logits, y = logits[:, :-1].flatten(0, 1), y[:, 1:].flatten()
+            scored = y != IGNORE
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE))
+            correct += int(((logits.argmax(-1) == y) & scored).sum())
+            count += int(scored.sum())
+        return self.metrics(loss_sum / max(count, 1), correct / max(count, 1))
+
+    def metrics(self, loss: float, accuracy: float) -> dict[str, float]:
+        return {"accuracy": accuracy, "loss": loss}
+
+
+class Classification(_TokenScores):
+    """Accuracy and cross entropy of class logits."""
+
+    name = "classification"
+
+
+class LanguageModeling(_TokenScores):
+    """Next-token loss, perplexity and accuracy on the scored tokens."""
+
+    name = "language-modeling"
+    next_token = True
+
+    def metrics(self, loss: float, accuracy: float) -> dict[str, float]:
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": accuracy}
+
+
+class NotAnEncoder(ValueError):
+    pass
+
+
+def embeddings(model: nn.Module, context: EvalContext) -> torch.Tensor:
+    """Mean-pooled sentence embeddings [N, D] of a model that returns token states."""
+    out = []
+    for start in _batches(context):
+        x, _ = context.data.batch("eval", _indices(context, start), context.device)
+        if not isinstance(x, dict) or "attention_mask" not in x:
+            raise NotAnEncoder("embeddings need named text inputs with an attention_mask")
+        states = call_model(model, x).float()
+        if states.dim() != 3:  # a classifier's logits: no token states to pool
+            raise NotAnEncoder(f"the model returns {tuple(states.shape)}, not token states")
+        out.append(mean_pool(states, x["attention_mask"]).cpu())
+    return torch.cat(out)
+
+
+def embedding_agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    from scipy.stats import spearmanr
+
+    s, t = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
+    s_sim, t_sim = s @ s.T, t @ t.T
+    upper = torch.triu_indices(len(s), len(s), offset=1)
+    rho = spearmanr(s_sim[upper[0], upper[1]].numpy(), t_sim[upper[0], upper[1]].numpy())
+    eye = torch.eye(len(s), dtype=torch.bool)
+    nearest_s = s_sim.masked_fill(eye, -2).argmax(1)
+    nearest_t = t_sim.masked_fill(eye, -2).argmax(1)
+    out = {
+        "spearman": float(rho.statistic),
+        "top1_agreement": float((nearest_s == nearest_t).float().mean()),
+    }
+    if s.shape[1] == t.shape[1]:
+        out["cosine"] = float((s * t).sum(-1).mean())
+    return out
+
+
+class Embedding(Evaluator[NoOptions]):
+    """Agreement of sentence embeddings with the teacher's (cosine, Spearman, top-1)."""
+
+    name = "embedding"
+    _reference: torch.Tensor | None = None
+
+    def setup(self, context: EvalContext) -> None:
+        super().setup(context)
+        self._reference = None
+        self._tried = False
+
+    def reference(self) -> torch.Tensor | None:
+        """The teacher's eval-set embeddings, computed once; None without an encoder teacher
+        (a stage that distils a classifier has nothing of this task to score)."""
+        teacher = self.context.teacher
+        if not self._tried and teacher is not None:
+            self._tried = True
+            try:
+                with torch.no_grad():
+                    self._reference = embeddings(teacher, self.context)
+            except NotAnEncoder:
+                self._reference = None
+        return self._reference
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        reference = self.reference()
+        if reference is None:
+            return {}
+        try:
+            own = embeddings(model, self.context)
+        except NotAnEncoder:  # e.g. a classifier in a general-distillation stage
+            return {}
+        return embedding_agreement(own, reference)
+
+
+@hookimpl
+def compressor_evaluators() -> list[type]:
+    return [Classification, LanguageModeling, Embedding]
