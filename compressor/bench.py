@@ -3,6 +3,7 @@
     python -m compressor.bench losses            all cases (GPU rows need an NVIDIA GPU)
     python -m compressor.bench losses --quick    smaller shapes, for a smoke run
     python -m compressor.bench partial           DMAE partial teacher execution: FLOPs, time
+    python -m compressor.bench engine            the engine against a hand-written loop
 
 Each (case, method) runs in its own subprocess so peak memory is its own: on CPU the peak
 resident set after a warm-up (glibc told to return freed blocks at once, the high-water
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", choices=["losses", "partial"])
+    parser.add_argument("suite", choices=["losses", "partial", "engine"])
     parser.add_argument("--quick", action="store_true", help="losses: small shapes, a smoke run")
     parser.add_argument(
         "--model",
@@ -287,9 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch", type=int, default=1024, help="partial: images per forward")
     parser.add_argument("--reps", type=int, default=20, help="partial: timed forwards (median)")
+    parser.add_argument("--steps", type=int, default=630, help="engine: training steps")
+    parser.add_argument("--rounds", type=int, default=7, help="engine: interleaved rounds")
     args = parser.parse_args(argv)
     if args.suite == "losses":
         bench_losses(args.quick)
+    elif args.suite == "engine":
+        from compressor.bench_engine import bench_engine
+
+        bench_engine(args.steps, args.rounds)
     else:
         bench_partial(args.model, args.block, args.ratio, args.batch, args.reps)
     return 0

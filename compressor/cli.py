@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plugins":
             print(describe_plugins(registry))
             return 0
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides, registry)
         if args.command == "validate":
             print(describe_plan(recipe, registry))
             return 0
@@ -153,6 +153,9 @@ def describe_plugins(registry: Registry) -> str:
         lines.append(f"{info.name}  ({info.origin}; {info.module})")
         for kind, names in sorted(registry.provided_by(info.name).items()):
             lines.append(f"    {kind.replace('_', ' ')}: {', '.join(sorted(names))}")
+            for name in sorted(names):
+                summary = registry.components[kind][name].cls.summary()
+                lines.append(f"      {name}: {summary}" if summary else f"      {name}")
         lines.append(f"    hooks: {', '.join(hooks)}")
     return "\n".join(lines)
 
@@ -186,6 +189,7 @@ def _describe_stage(plan: DistillPlan) -> list[str]:
                 node = original_output(gm) if name == OUTPUT else tapped(gm)[name]
                 reads.append(f"{role}.{name} -> node {node.name} {_shape_text(node_shape(node))}")
         lines.append(f"  loss {bound.label} (weight {bound.weight}): " + "; ".join(reads))
+    lines += [f"  {note}" for note in plan.notes]
     lines.append(f"  exporters: {', '.join(s.name for s in recipe.export) or 'none'}")
     return lines
 
@@ -206,6 +210,11 @@ def _describe_graphs(plan: DistillPlan, prefix: str) -> list[str]:
             continue
         taps = {node.name: name for name, node in tapped(gm).items()}
         out.append(f"== {prefix}{role} graph ({len(gm.graph.nodes)} nodes) ==")
+        out += [
+            f"   {note.removeprefix(role + ': ')}"
+            for note in plan.notes
+            if note.startswith(role + ":")
+        ]
         out.append(f"{'node':<28} {'op':<14} {'target':<32} {'module':<36} shape")
         for node in gm.graph.nodes:
             target = str(node.target).removeprefix("aten.")
@@ -236,7 +245,7 @@ def summarize(report: dict[str, Any], run_dir: Path) -> str:
         )
     for e in report["exports"]:
         lines.append(
-            f"  {e['exporter']}: {e['path']} max abs diff {e['max_abs_diff']:.3g} (tolerance {e['tolerance']:.3g})"
+            f"  {e.get('label', e['exporter'])}: {e['path']} max abs diff {e['max_abs_diff']:.3g} (tolerance {e['tolerance']:.3g})"
         )
     lines.append(f"  report: {run_dir / 'report.md'}")
     return "\n".join(lines)

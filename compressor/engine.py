@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from compressor.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from compressor.errors import CompressorError, TrainingStopped, failure
+from compressor.errors import CompressorError, RunFailed, TrainingStopped, failure
 from compressor.plan import DistillPlan
 
 METRICS = "metrics.jsonl"
@@ -58,9 +58,9 @@ def train(
     checkpoints = run_dir / "checkpoints"
     metrics_path = run_dir / METRICS
     n_train = len(plan.data.train)
-    # on a GPU, loss values are read back only when logged, evaluated or checkpointed: every
-    # read is a device sync; on the CPU reading them costs nothing, so every step is checked
-    read_every_step = device.type == "cpu"
+    # Loss values are read back (and checked) only when logged, evaluated or checkpointed:
+    # on a GPU every read is a device sync. A non-finite loss is still reported at the step it
+    # appeared, and no checkpoint is written after it.
 
     run_dir.mkdir(parents=True, exist_ok=True)
     start, last_good = 0, None
@@ -92,6 +92,7 @@ def train(
     if initial_scores:  # the student as it starts: what distillation improves on
         log({"step": 0, **{f"eval/{k}": v for k, v in initial_scores.items()}})
     labels = [bound.label for bound in plan.losses]
+    scores: dict[str, float] = {}
     pending: list[tuple[int, torch.Tensor, float]] = []  # (step, terms [T], lr) not yet read
 
     def read_back() -> None:
@@ -111,24 +112,27 @@ def train(
 
     began = time.perf_counter()
     for step in range(start, cfg.steps):
-        guard = _guard(step + 1)
         indices = batch_indices(step, n_train, recipe.data.batch_size, recipe.seed)
         x, y = plan.data.batch("train", indices, device)
-        terms = plan.loss_terms(x, y, guard)
-        stacked = torch.stack([t.float() for t in terms.values()])  # [terms]
-        with guard("the backward pass", ("losses",)):
+        try:
+            terms = list(plan.loss_terms(x, y).values())
             optimizer.zero_grad(set_to_none=True)
-            stacked.sum().backward()
+            sum(terms[1:], terms[0]).backward()
+        except CompressorError:
+            raise
+        except Exception as exc:
+            raise RunFailed(f"training step {step + 1}: {plan.part.name}", exc) from exc
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
 
         done = step + 1
-        pending.append((done, stacked.detach(), float(scheduler.get_last_lr()[0])))
+        values = torch.stack([t.detach().float() for t in terms])  # [terms], read back later
+        pending.append((done, values, float(scheduler.get_last_lr()[0])))
         evaluate_now = done % cfg.eval_every == 0 or done == cfg.steps
         checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
-        if read_every_step or evaluate_now or checkpoint_now or done % cfg.log_every == 0:
+        if evaluate_now or checkpoint_now or done % cfg.log_every == 0:
             read_back()
         bar.advance(done)
         if evaluate_now:
@@ -160,7 +164,8 @@ def train(
         for k, v in r.items()
         if k.startswith("eval/")
     }
-    return TrainResult(run_dir, cfg.steps, score(cfg.steps), initial, history, seconds)
+    final = scores if start < cfg.steps else score(cfg.steps)  # the last step was evaluated
+    return TrainResult(run_dir, cfg.steps, final, initial, history, seconds)
 
 
 def _non_finite(step: int, total: float, terms: dict[str, float], last_good: Any) -> str:
@@ -175,13 +180,6 @@ def _non_finite(step: int, total: float, terms: dict[str, float], last_good: Any
         f"loss became {total} at step {step} (terms: {values}); training stopped and {kept}."
         f"\n  try a lower learning rate or train.grad_clip, {then}"
     )
-
-
-def _guard(step: int) -> Any:
-    def guard(part: str, path: Any) -> contextlib.AbstractContextManager[None]:
-        return failure(f"training step {step}: {part}")
-
-    return guard
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -108,11 +108,12 @@ def node_shape(node: fx.Node) -> tuple[Any, ...] | None:
 
 
 def format_shape(shape: tuple[Any, ...] | None) -> str:
-    """A shape for people: `[N, 64, 8, 8]`. Captured graphs have a dynamic batch (N) and, for
-    text, a dynamic sequence (T); torch's internal symbols (`s77`) never reach a message."""
+    """A shape for people: `[N, 64, 8, 8]`. Dimension 0 is the batch, dynamic in every captured
+    graph (N); other dynamic dimensions are the sequence (T). torch's internal symbols (`s77`)
+    never reach a message."""
     if shape is None:
         return "unknown"
-    dims = [str(d) if isinstance(d, int) else ("N" if i == 0 else "T") for i, d in enumerate(shape)]
+    dims = ["N" if i == 0 else str(d) if isinstance(d, int) else "T" for i, d in enumerate(shape)]
     return "[" + ", ".join(dims) + "]"
 
 
@@ -256,11 +257,15 @@ _STATEFUL_CALLS = {predispatch._vmap_increment_nesting, predispatch._vmap_decrem
 
 
 def _is_impure(node: fx.Node) -> bool:
-    # fx's rules (mutation, side-effectful calls, effect tokens), except that dropout and other
-    # seeded ops are pure here: a truncated teacher must lose the layers after its deepest tap
-    # even when they contain dropout.
-    if node.op == "call_function" and node.target in _STATEFUL_CALLS:
-        return True
+    # fx's rules (mutation, side-effectful calls, effect tokens), except for two kinds of call
+    # a truncated teacher must lose with the layers after its deepest tap: dropout and other
+    # seeded ops, and the checks export records (_assert_tensor_metadata, sym_constrain_range
+    # ...), which only look at values nobody needs once those layers are gone.
+    if node.op == "call_function":
+        if node.target in _STATEFUL_CALLS:
+            return True
+        if _op_name(node).startswith(("_assert", "sym_constrain_range")):
+            return False
     return node.is_impure(impure_random=False)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import default_collate
+from torch.utils.data import TensorDataset, default_collate
 
 from compressor.components import Component, OptionsT
 from compressor.errors import RecipeError
@@ -48,7 +48,13 @@ class DataBundle:
     def batch(self, split: str, indices: Iterable[Any], device: torch.device) -> Batch:
         """The items at `indices` of `split` ("train" or "eval") as one batch on `device`."""
         dataset = self.train if split == "train" else self.eval
-        inputs, target = self.collate_fn([dataset[int(i)] for i in indices])
+        inputs: Inputs
+        if isinstance(dataset, TensorDataset) and self.collate_fn is default_collate:
+            # what default_collate would build, by indexing the stored tensors at once
+            index = torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices))
+            inputs, target = (t[index] for t in dataset.tensors)
+        else:
+            inputs, target = self.collate_fn([dataset[int(i)] for i in indices])
         return to_device(inputs, device), target.to(device)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,14 +66,14 @@ STRIP_PASS = "strip"
 # How many training samples the rehearsal runs (and torch.export specialises a batch of 1)
 CAPTURE_BATCH = 4
 
-# A context that reports failures of one part of a step (a graph, a loss) as it sees fit:
-# the plan's rehearsal as located recipe errors, the engine as run failures.
-Guard = Callable[[str, KeyPath], AbstractContextManager[None]]
 
+@dataclass
+class StepPart:
+    """The part of a training step that is running: what to call it in a message, and the
+    recipe key that configures it."""
 
-@contextlib.contextmanager
-def _unguarded(part: str, path: KeyPath) -> Iterator[None]:
-    yield
+    name: str
+    path: KeyPath
 
 
 @dataclass
@@ -83,6 +82,10 @@ class BoundLoss:
     weight: float
     term: LossTerm[Any]
     index: int  # position in the recipe's losses
+
+    @property
+    def part(self) -> StepPart:
+        return StepPart(f"loss {self.label!r}", ("losses", self.index))
 
 
 @dataclass
@@ -130,6 +133,8 @@ class DistillPlan:
     hooks: Any  # the plugin manager's hook relay (metrics observers)
     input_specs: dict[str, dict[str, Any]] = field(default_factory=dict)  # inputs passes added
     notes: list[str] = field(default_factory=list)  # what passes chose, for validate
+    # set as each part of `loss_terms` starts, so a failure can say which part it was
+    part: StepPart = field(default_factory=lambda: StepPart("the training step", ()))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.student_graph.parameters())
@@ -137,28 +142,28 @@ class DistillPlan:
             params += list(bound.term.parameters())
         return [p for p in params if p.requires_grad]
 
-    def loss_terms(
-        self, x: Inputs, y: torch.Tensor, guard: Guard = _unguarded
-    ) -> dict[str, torch.Tensor]:
+    def loss_terms(self, x: Inputs, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training step's weighted loss terms on batch (x, y), under bf16 autocast on
-        CUDA; `guard` wraps each part so a failure says which graph or loss it was."""
-        autocast = torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        CUDA. If it raises, `self.part` says which graph or loss failed."""
+        # inputs passes added (MAE's kept patches): one draw shared by both graphs
+        extra = (
+            draw_inputs(self.input_specs, batch_size(x), self.device) if self.input_specs else {}
         )
-        extra = draw_inputs(self.input_specs, batch_size(x), self.device)  # one draw, both graphs
-        with autocast:
-            with guard("the student's training graph", ("student",)):
-                s_out, s_taps = _run(self.student_graph, x, extra)  # logits [B, C], taps
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+            self.part = _STUDENT_PART
+            s_out, s_taps = _run(self.student_graph, x, extra)  # logits [B, C], taps
             teacher: dict[str, torch.Tensor] = {}
             if self.teacher_graph is not None:
-                with guard("the teacher's graph", ("teacher",)), torch.no_grad():
+                self.part = _TEACHER_PART
+                with torch.no_grad():
                     t_out, t_taps = _run(self.teacher_graph, x, extra)
                 teacher = {OUTPUT: t_out, **t_taps}
             inputs = LossInputs({OUTPUT: s_out, **s_taps}, teacher, y, x)
             terms = {}
             for bound in self.losses:
-                with guard(f"loss {bound.label!r}", ("losses", bound.index)):
-                    terms[bound.label] = bound.weight * bound.term(inputs)
+                self.part = bound.part
+                terms[bound.label] = bound.weight * bound.term(inputs)
+        self.part = _BACKWARD_PART  # what the caller does next
         return terms
 
     def verify_inputs(self, batch: int = 64) -> list[tuple[Inputs, ...]]:
@@ -170,11 +175,17 @@ class DistillPlan:
         return [(full,), (one,)]
 
 
+_STUDENT_PART = StepPart("the student's training graph", ("student",))
+_TEACHER_PART = StepPart("the teacher's graph", ("teacher",))
+_BACKWARD_PART = StepPart("the backward pass", ("losses",))
+
+
 def _run(
     gm: fx.GraphModule, x: Inputs, extra: dict[str, torch.Tensor]
 ) -> tuple[Any, dict[str, torch.Tensor]]:
-    result = call_model(gm, x, **{name: extra[name] for name in graph_inputs(gm)})
-    return split_outputs(gm, result)
+    if extra:  # only the inputs this graph takes
+        return split_outputs(gm, call_model(gm, x, **{n: extra[n] for n in graph_inputs(gm)}))
+    return split_outputs(gm, call_model(gm, x))
 
 
 def select_device(recipe: Recipe) -> torch.device:
@@ -605,24 +616,23 @@ def rehearse(plan: DistillPlan) -> None:
     n = min(recipe.data.batch_size, len(plan.data.train))
     x, y = plan.data.batch("train", range(n), plan.device)
     try:
-        terms = plan.loss_terms(x, y, guard=_located(recipe, f"one training batch of {n}"))
-        with _located(recipe, "one training batch")("the backward pass", ("losses",)):
+        with _located(plan, f"one training batch of {n}"):
+            terms = plan.loss_terms(x, y)
             torch.stack([t.float() for t in terms.values()]).sum().backward()
-        evaluated: list[tuple[str, fx.GraphModule | None, KeyPath]] = [
-            ("the student's eval and export graph", plan.student_eval_graph, ("student",)),
+        evaluated = [
             (
-                "the teacher's whole graph (exported for comparison)",
-                plan.teacher_eval_graph,
-                ("teacher",),
+                StepPart("the student's eval and export graph", ("student",)),
+                plan.student_eval_graph,
             ),
+            (StepPart("the teacher's whole graph", ("teacher",)), plan.teacher_eval_graph),
         ]
         with torch.no_grad():
             for inputs in plan.verify_inputs(min(recipe.data.eval_batch_size, 8)):
                 batch = inputs[0]
-                for part, gm, path in evaluated:
+                for part, gm in evaluated:
                     if gm is not None:
-                        where = f"an eval batch of {batch_size(batch)}"
-                        with _located(recipe, where)(part, path):
+                        plan.part = part
+                        with _located(plan, f"an eval batch of {batch_size(batch)}"):
                             call_model(gm, to_device(batch, plan.device))
     finally:
         for p in plan.trainable_parameters():
@@ -632,18 +642,17 @@ def rehearse(plan: DistillPlan) -> None:
         torch.set_rng_state(rng)
 
 
-def _located(recipe: Recipe, on: str) -> Guard:
-    @contextlib.contextmanager
-    def guard(part: str, path: KeyPath) -> Iterator[None]:
-        try:
-            yield
-        except CompressorError:
-            raise
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise RecipeError(
-                recipe.locate(path),
-                f"{part} fails on {on}: {type(exc).__name__}: {first}",
-            ) from exc
-
-    return guard
+@contextlib.contextmanager
+def _located(plan: DistillPlan, on: str) -> Iterator[None]:
+    """A failure inside becomes a recipe error at the key of the part that failed."""
+    try:
+        yield
+    except CompressorError:
+        raise
+    except Exception as exc:
+        failed = plan.part
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RecipeError(
+            plan.recipe.locate(failed.path),
+            f"{failed.name} fails on {on}: {type(exc).__name__}: {first}",
+        ) from exc

@@ -70,7 +70,7 @@ def run_one(
 ) -> dict[str, Any]:
     """One run of `recipe` into `folder` (replaced if it holds an older run); its report."""
     overrides = [*overrides, f"output={folder}"]
-    loaded = load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides, registry)
     return run(loaded, registry, overwrite=True, progress=progress, overrides=overrides).report
 
 

@@ -49,7 +49,7 @@ BRANCHES = "ofa_branches"
 class OFAOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     stages: list[str] | None = Field(
-        None, description="student module paths; default: 3 evenly spaced blocks"
+        None, description="student module paths; default: 3 stages found by structure"
     )
     width: int | None = Field(
         None, gt=0, description="branch width d; default max(stage, teacher pre-logit)"
@@ -136,19 +136,35 @@ class VectorBranch(nn.Sequential):
 
 
 def default_stages(gm: fx.GraphModule, count: int = 3) -> list[str]:
-    """`count` evenly spaced members of the longest indexed module family (blocks.i, ...)."""
-    families: dict[str, list[str]] = {}
+    """Student stages found by structure: the shallowest family of sibling modules numbered
+    alike (`blocks.0, blocks.1, ...`, or torchvision's `layer1, layer2, ...`) with at least
+    two members, and `count` evenly spaced members of it (the last one feeds the head, so
+    with four stages the branches go on the first three). Without such a family: the
+    top-level modules that hold other modules (blocks rather than single layers), all but
+    the last."""
+    order: dict[str, None] = {}
     for path in module_paths(gm):
-        match = re.match(r"^((?:[^.]+\.)*?[^.]+)\.(\d+)(?:\.|$)", path)
+        parts = path.split(".")
+        for depth in range(1, len(parts) + 1):
+            order.setdefault(".".join(parts[:depth]), None)
+    families: dict[tuple[str, str], list[str]] = {}
+    for path in order:
+        parent, _, leaf = path.rpartition(".")
+        match = re.fullmatch(r"(.*?)(\d+)", leaf)
         if match:
-            member = f"{match.group(1)}.{match.group(2)}"
-            if member not in families.setdefault(match.group(1), []):
-                families[match.group(1)].append(member)
-    if not families:
-        raise ValueError(
-            "found no indexed blocks (blocks.0, layers.1, ...) to branch from; name them with stages: [...]"
-        )
-    members = max(families.values(), key=len)
+            families.setdefault((parent, match.group(1)), []).append(path)
+    candidates = [members for members in families.values() if len(members) >= 2]
+    if candidates:
+        members = min(candidates, key=lambda m: (m[0].count("."), -len(m)))
+    else:
+        blocks = [p for p in order if "." not in p and any(q.startswith(p + ".") for q in order)]
+        members = blocks[:-1]
+        if not members:
+            raise ValueError(
+                "found no stages to branch from (numbered blocks such as blocks.0 or layer1, "
+                "or top-level modules that hold layers); name them with stages: [...]"
+            )
+        return members[-count:]
     picks = sorted({round(len(members) * (i + 1) / (count + 1)) - 1 for i in range(count)})
     return [members[max(0, i)] for i in picks]
 
@@ -183,6 +199,14 @@ class OFABranches(GraphPass[OFAOptions]):
                 "ofa_branches needs a student whose output is one logits tensor [N, classes]"
             )
         nodes = [resolve_tap(gm, stage) for stage in stages]
+        chosen = "given" if self.options.stages else "found by structure"
+        notes = [
+            f"branches on {len(stages)} stages ({chosen}): "
+            + ", ".join(
+                f"{stage} (node {node.name} {format_shape(node_shape(node))})"
+                for stage, node in zip(stages, nodes, strict=True)
+            )
+        ]
         widths = [self._width(node, stage) for node, stage in zip(nodes, stages, strict=True)]
         width = self.options.width or max([*widths, pre_logit_width(context.peer) or 0])
         device = next(iter(gm.parameters())).device
@@ -201,7 +225,7 @@ class OFABranches(GraphPass[OFAOptions]):
             node.meta[SCAFFOLD_META] = True
         set_outputs(gm, logits, {**tapped(gm), TAP: stacked})
         gm.recompile()
-        return PassResult(gm, modified=True)
+        return PassResult(gm, modified=True, notes=notes)
 
     @staticmethod
     def _width(node: fx.Node, stage: str) -> int:

@@ -35,7 +35,7 @@ class StudentLayersOptions(BaseModel):
 
 
 class StudentLayers(ModulePass[StudentLayersOptions]):
-    """Keep chosen transformer blocks of a Hugging Face model (BERT or Llama family)."""
+    """Keep chosen transformer blocks of a Hugging Face model (BERT, GPT-2, Llama family)."""
 
     name = "student_layers"
 
@@ -61,9 +61,10 @@ class StudentLayers(ModulePass[StudentLayersOptions]):
         parent = module.get_submodule(parent_path) if parent_path else module
         setattr(parent, attr, nn.ModuleList([blocks[i] for i in keep]))
         for new_index, block in enumerate(getattr(parent, attr)):
-            attention = getattr(block, "self_attn", None)
-            if attention is not None and hasattr(attention, "layer_idx"):
-                attention.layer_idx = new_index  # KV-cache slot of this block
+            for name in ("self_attn", "attn"):  # Llama family, GPT-2
+                attention = getattr(block, name, None)
+                if attention is not None and hasattr(attention, "layer_idx"):
+                    attention.layer_idx = new_index  # KV-cache slot of this block
         config.num_hidden_layers = len(keep)
         if getattr(config, "layer_types", None):
             config.layer_types = [config.layer_types[i] for i in keep]

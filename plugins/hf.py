@@ -63,8 +63,8 @@ class HFModule(nn.Module):
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer block list of a BERT-family or Llama-family model, and its path."""
-    for path in ("encoder.layer", "model.layers", "layers"):
+    """The transformer block list of a BERT-, GPT-2- or Llama-family model, and its path."""
+    for path in ("encoder.layer", "model.layers", "transformer.h", "layers"):
         for prefix in ("", "bert.", "roberta.", "model."):
             try:
                 found = model.get_submodule(prefix + path)
@@ -74,7 +74,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 return prefix + path, found
     raise ValueError(
         f"{type(model).__name__} has no transformer block list "
-        "(looked for encoder.layer and model.layers); supported: BERT and Llama families"
+        "(looked for encoder.layer, model.layers and transformer.h); supported: BERT, GPT-2 "
+        "and Llama families (Qwen2, Mistral, ...)"
     )
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,18 @@ from compressor.export import ExportResult
 from compressor.hookspecs import hookimpl
 from compressor.loading import Inputs, batch_size, call_model, to_device
 from compressor.plugins.hf import TASKS, HFModule
-from compressor.plugins.onnx_export import ONNXExporter, export_onnx, verify_onnx
+from compressor.plugins.onnx_export import (
+    ONNXExporter,
+    export_onnx,
+    ort_session,
+    time_session,
+    verify_onnx,
+)
 
 
 class HFExporter(ONNXExporter):
-    """ONNX in a Hugging Face folder (config, tokenizer, weights), checked in optimum."""
+    """ONNX in a Hugging Face folder (config, tokenizer, weights), checked in optimum; a
+    causal LM gets past key values, so optimum's generate() reuses its cache."""
 
     name = "hf"
 
@@ -57,23 +66,131 @@ class HFExporter(ONNXExporter):
         folder = out_dir / f"{stem}-hf"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "model.onnx"
-        names = export_onnx(graph, example_inputs, path, self.options.opset)
         module.hf_model.save_pretrained(str(folder), safe_serialization=True)
         if module.tokenizer is not None:
             module.tokenizer.save_pretrained(str(folder))
-        diff = verify_onnx(graph, path, verify_inputs)
         details: dict[str, Any] = {
             "folder": str(folder),
             "verified_batches": [batch_size(b[0]) for b in verify_inputs],
-            "inputs": names,
-            "onnxruntime_max_abs_diff": diff,
         }
-        optimum_diff, how = _optimum_check(folder, module.task, graph, verify_inputs)
-        details["optimum"] = how
-        if optimum_diff is not None:
-            details["optimum_max_abs_diff"] = optimum_diff
-            diff = max(diff, optimum_diff)
+        if module.task == "causal-lm":
+            diff = self._causal_lm(folder, graph, verify_inputs, details)
+        else:
+            details["inputs"] = export_onnx(graph, example_inputs, path, self.options.opset)
+            diff = verify_onnx(graph, path, verify_inputs)
+            details["onnxruntime_max_abs_diff"] = diff
+            optimum_diff, how = _optimum_check(folder, module.task, graph, verify_inputs)
+            details["optimum"] = how
+            if optimum_diff is not None:
+                details["optimum_max_abs_diff"] = optimum_diff
+                diff = max(diff, optimum_diff)
         return ExportResult(self.name, path, diff, self.options.tolerance, details)
+
+    def _causal_lm(
+        self,
+        folder: Path,
+        graph: fx.GraphModule,
+        verify_inputs: list[tuple[Inputs, ...]],
+        details: dict[str, Any],
+    ) -> float:
+        """optimum's exporter writes the decoder with past key values from the saved model;
+        the check loads the folder as a user does (ORTModelForCausalLM with its defaults) and
+        compares with the student graph: logits of whole sequences, and the logits of cached
+        generation steps against recomputing the whole prefix."""
+        from optimum.exporters.onnx import main_export
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        with _quiet():
+            main_export(
+                str(folder),
+                output=str(folder),
+                task="text-generation-with-past",
+                opset=self.options.opset,
+                local_files_only=True,
+                do_validation=False,
+            )
+            model = ORTModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+        details["inputs"] = [i.name for i in model.session.get_inputs()]
+        details["optimum"] = "loaded with optimum.onnxruntime.ORTModelForCausalLM (defaults)"
+        diffs = []
+        for inputs in verify_inputs:
+            x = to_device(inputs[0], torch.device("cpu"))
+            assert isinstance(x, dict)
+            with torch.no_grad():
+                got = torch.as_tensor(np.asarray(model(**x).logits)).float()
+                want = call_model(graph, x).float().cpu()
+            real = x["attention_mask"].bool()  # optimum positions padding differently
+            diffs.append(float((got - want).abs()[real].max()))
+        details["optimum_max_abs_diff"] = max(diffs)
+        cached = _cached_generation_diff(model, graph, verify_inputs[-1][0])
+        details["cached_generation_max_abs_diff"] = cached
+        return max(*diffs, cached)
+
+    def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
+        """Seconds per call; a decoder with a cache is timed on its prompt (empty cache)."""
+        session = ort_session(path)
+        names = [i.name for i in session.get_inputs()]
+        if not any(n.startswith("past_key_values") for n in names):
+            return super().latency(path, inputs, repeats)
+        x = inputs[0]
+        assert isinstance(x, dict)
+        feeds = {k: v.cpu().numpy() for k, v in x.items() if k in names}
+        mask = x["attention_mask"]
+        feeds["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).numpy()
+        for i in session.get_inputs():
+            if i.name.startswith("past_key_values"):
+                heads, width = i.shape[1], i.shape[3]
+                feeds[i.name] = np.zeros((mask.shape[0], heads, 0, width), np.float32)
+        return time_session(session, feeds, repeats)
+
+
+def _cached_generation_diff(model: Any, graph: fx.GraphModule, prompt: Inputs) -> float:
+    """Greedy steps through optimum (each reusing the cache) against the student graph run on
+    the whole sequence so far: the largest logit difference over the steps."""
+    assert isinstance(prompt, dict)
+    x = {k: v[:1].cpu() for k, v in prompt.items()}
+    length = int(x["attention_mask"].sum())
+    x = {k: v[:, :length] for k, v in x.items()}
+    with _quiet(), torch.no_grad():
+        out = model.generate(
+            **x,
+            max_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=model.config.pad_token_id or 0,
+        )
+    sequence = out.sequences
+    diffs = []
+    for step, logits in enumerate(out.logits):
+        upto = length + step
+        ids = sequence[:, :upto]
+        with torch.no_grad():
+            want = call_model(graph, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        got = torch.as_tensor(np.asarray(logits)).float()
+        diffs.append(float((got - want[:, -1].float().cpu()).abs().max()))
+    return max(diffs)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """optimum and the TorchScript exporter it uses print and warn a lot; the result is
+    checked here instead."""
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
+        warnings.simplefilter("ignore")
+        loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 def _optimum_check(
@@ -85,13 +202,9 @@ def _optimum_check(
     except ImportError as exc:
         return None, f"not checked: optimum.onnxruntime is not installed ({exc})"
     cls_name = TASKS[task][2]
-    options: dict[str, Any] = (
-        {"use_cache": False, "use_io_binding": False} if task == "causal-lm" else {}
-    )
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with _quiet():
         model = getattr(ort_models, cls_name).from_pretrained(
-            str(folder), file_name="model.onnx", local_files_only=True, **options
+            str(folder), file_name="model.onnx", local_files_only=True
         )
     diffs = []
     for inputs in verify_inputs:

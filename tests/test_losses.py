@@ -94,7 +94,39 @@ def test_feature_losses_explain_bad_shapes(registry):
     mse = _make(registry, "feature_mse", student="a", teacher="b", projection="none")
     with pytest.raises(ValueError, match="projection is 'none'"):
         mse.setup({"a": (2, 4)}, {"b": (2, 8)})
-    with pytest.raises(ValueError, match="same rank"):
-        _make(registry, "feature_mse", student="a", teacher="b").setup(
-            {"a": (2, 4)}, {"b": (2, 4, 4)}
+    with pytest.raises(
+        ValueError, match=r"align: grid needs conv maps .* the student has \[N, 4\]"
+    ):
+        _make(registry, "feature_mse", student="a", teacher="b", align="grid").setup(
+            {"a": (2, 4)}, {"b": (2, 16, 8)}
         )
+    with pytest.raises(ValueError, match="both must be batched features"):
+        _make(registry, "feature_mse", student="a", teacher="b").setup({"a": (2,)}, {"b": (2, 4)})
+
+
+def test_a_conv_map_pairs_with_a_token_grid_position_by_position(registry):
+    """A CNN student's [N, C, H, W] map against a ViT teacher's [N, 1 + H*W, D] tokens: the
+    class token is dropped, the tokens laid out as a map, channels projected C -> D."""
+    mse = _make(registry, "feature_mse", student="s", teacher="t")
+    mse.setup({"s": (2, 3, 4, 4)}, {"t": (2, 17, 5)})
+    assert mse.align == "grid" and tuple(mse.projection.weight.shape) == (5, 3, 1, 1)
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 17, 5)
+    got = mse(_inputs({"s": s}, {"t": t}))
+    grid = t[:, 1:].transpose(1, 2).reshape(2, 5, 4, 4)  # token i*4+j -> position (i, j)
+    torch.testing.assert_close(got, F.mse_loss(mse.projection(s), grid))
+    assert grid[0, :, 1, 2].tolist() == t[0, 1 + 1 * 4 + 2].tolist()
+
+
+def test_features_of_different_kinds_compare_their_means_when_not_spatial(registry):
+    cos = _make(registry, "feature_cosine", student="s", teacher="t")
+    cos.setup({"s": (2, 6)}, {"t": (2, 10, 6)})  # 10 tokens: not a square grid
+    assert cos.align == "pool" and cos.projection is None
+    s, t = torch.randn(2, 6), torch.randn(2, 10, 6)
+    want = (1 - F.cosine_similarity(s, t.mean(1), dim=-1)).mean()
+    torch.testing.assert_close(cos(_inputs({"s": s}, {"t": t})), want)
+
+
+def test_kd_between_logits_of_different_widths_is_refused_at_setup(registry):
+    kd = _make(registry, "kd")
+    with pytest.raises(ValueError, match="has 512 classes and the teacher's 'output' 300"):
+        kd.setup({"output": (2, 7, 512)}, {"output": (2, 7, 300)})

@@ -6,7 +6,6 @@ import onnx
 import pytest
 import torch
 from conftest import DIGITS
-from pass_check import check_pass
 from test_ofa import _vit
 from tiny_models import MLP, SmallCNN
 
@@ -21,6 +20,7 @@ from compressor.graph_pass import (
     split_outputs,
 )
 from compressor.passes.mae_mask import keep_tokens
+from compressor.testing import check_pass
 
 IMAGES = torch.randn(6, 1, 8, 8)
 

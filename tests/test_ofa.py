@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DIGITS, FAST_RECIPE, TINY
-from pass_check import check_pass
 from tiny_models import MLP, SmallCNN
 
 from compressor.capture import capture_module
@@ -15,7 +14,9 @@ from compressor.cli import main
 from compressor.errors import PassError
 from compressor.graph_pass import SCAFFOLD_META, PassContext, run_passes, split_outputs, tapped
 from compressor.losses import LossInputs
+from compressor.passes.ofa_branches import default_stages
 from compressor.plugin_manager import make_plugin_manager  # noqa: F401  (registry fixture loads it)
+from compressor.testing import check_pass
 
 IMAGES = torch.randn(5, 1, 8, 8)
 
@@ -90,6 +91,30 @@ def test_default_stages_are_evenly_spaced_blocks(registry):
         ["blocks", "5"],
     ]
     assert all(n.meta[SCAFFOLD_META] for n in calls)
+
+
+def test_default_stages_of_a_residual_cnn_are_its_stages_and_validate_shows_them(
+    registry, write_recipe, capsys
+):
+    """torchvision-style names (stem, layer1..layer4): the branches go on layer1..layer3,
+    not on the stem's layers, and validate says which nodes they read."""
+    from tiny_models import ResNetLike
+
+    gm = capture_module(ResNetLike().train(), (torch.randn(4, 1, 8, 8),), "student", "export")
+    assert default_stages(gm) == ["layer1", "layer2", "layer3"]
+    text = (
+        FAST_RECIPE.replace(f"{TINY}:mlp\n  kwargs: {{width: 8, depth: 2}}", f"{TINY}:resnet")
+        .replace("kwargs: {train_limit: 256, flatten: true}", "kwargs: {train_limit: 256}")
+        .replace(
+            "  - name: feature_mse\n    student: layers.1\n    teacher: layers.2\n",
+            "  - name: ofa\n",
+        )
+        .replace(f"{TINY}:mlp\n  kwargs: {{width: 32, depth: 4}}", f"{TINY}:cnn")
+    )
+    assert main(["validate", str(write_recipe(text))]) == 0
+    out = capsys.readouterr().out
+    assert "ofa_branches: branches on 3 stages (found by structure): layer1 (node" in out
+    assert "layer3 (node" in out and "[N, 16, 2, 2]" in out and "stem" not in out
 
 
 def test_branch_width_is_the_larger_of_stage_and_teacher_pre_logit(registry):

