@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 from conftest import DIGITS, ROOT
 
+from compressor.graph_pass import tapped
 from compressor.plan import build_plan, plan_stages
 from compressor.recipe import load_recipe
 
@@ -41,7 +42,12 @@ def test_shipped_recipe_validates_and_says_how_to_run_it(path, registry):
         runner.is_file() and f"python {runner.relative_to(ROOT)}" in text
     )
     stages = plan_stages(load_recipe(path, STAND_INS.get(name, [])), registry)
-    assert all(plan.student_graph is not None for _, plan in stages)
+    for _, plan in stages:  # every tensor a loss reads is a node of its graph
+        graphs = {"student": plan.student_graph, "teacher": plan.teacher_graph}
+        for bound in plan.losses:
+            for role, names in bound.term.reads().items():
+                taps = tapped(graphs[role]) if graphs[role] is not None else {}
+                assert all(n == "output" or n in taps for n in names), (bound.label, role, names)
 
 
 def test_shipped_digits_teacher_is_trained(registry):
