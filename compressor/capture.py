@@ -7,6 +7,9 @@ Parameters are shared with the source module, not copied.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import warnings
 from typing import Any
 
@@ -18,6 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from compressor.errors import CaptureError
 from compressor.graph_pass import delete_unused_submodules, output_node
+from compressor.loading import user_frame
 
 # what the model's output is called (`logits`, `last_hidden_state`): exporters name it so
 OUTPUT_NAME_META = "compressor_output_name"
@@ -30,18 +34,31 @@ def capture_module(
     methods = ["export", "symbolic_trace"] if method == "auto" else [method]
     for name in methods:
         try:
-            gm = (_export if name == "export" else _symbolic_trace)(module, example_inputs)
+            # torch prints the partial graph of a failed export (hundreds of lines) to stderr
+            with contextlib.redirect_stderr(io.StringIO()):
+                gm = (_export if name == "export" else _symbolic_trace)(module, example_inputs)
             gm.meta[OUTPUT_NAME_META] = getattr(module, "output_name", "logits")
             return gm
         except Exception as exc:
-            errors.append(
-                f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            )
+            errors.append(f"{name}: {_cause(exc)}")
     raise CaptureError(
-        f"could not capture the {role} ({type(module).__name__}) with "
-        + "; ".join(errors)
+        f"could not capture the {role} ({type(module).__name__})\n  "
+        + "\n  ".join(errors)
         + "\n  allowed capture.method values: auto, export, symbolic_trace"
     )
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of a capture error and the model source line that raised it."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    for i, line in enumerate(lines):  # torch.export names the call: File "...", line N
+        found = re.match(r'\s*File "(.+)", line (\d+), in (\S+)', line)
+        if found and any("raised this error" in earlier for earlier in lines[max(0, i - 2) : i]):
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{text}\n    at {found[1]}:{found[2]} in {found[3]}: {code}"
+    frame = user_frame(exc)
+    return f"{text}\n    at {frame}" if frame else text
 
 
 def _export(module: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:

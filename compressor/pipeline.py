@@ -51,7 +51,7 @@ def run(
         raise RecipeError(
             recipe.locate(("report", "baseline")),
             "report.baseline compares with a single-stage run and is not available with stages",
-            "run the stages and a one-stage arm side by side (examples/ernie-tiny/run.py)",
+            "run the stages and a one-stage arm side by side (compressor.sweep.run_arms)",
         )
     baseline_plan = (
         build_plan(baseline_recipe(recipe), registry) if recipe.report.baseline else None

@@ -116,12 +116,15 @@ def _quiet_transformers() -> Iterator[None]:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # one status line is ours
-    logger = logging.getLogger("transformers")
-    logger.addFilter(_ONCE)
+    # records of transformers' module loggers reach its handler, not the parent's filters
+    handlers = logging.getLogger("transformers").handlers
+    for handler in handlers:
+        handler.addFilter(_ONCE)
     try:
         yield
     finally:
-        logger.removeFilter(_ONCE)
+        for handler in handlers:
+            handler.removeFilter(_ONCE)
 
 
 class HFModelLoader(ModelLoader[HFModelOptions]):

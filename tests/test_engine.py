@@ -177,3 +177,16 @@ def test_a_run_killed_with_sigkill_resumes_and_finishes(write_recipe, tmp_path):
     assert [s for s, _ in got] == [s for s, _ in expected]
     for (_, a), (_, b) in zip(expected, got, strict=True):
         assert b == pytest.approx(a, rel=1e-6, abs=1e-7)
+
+
+def test_a_non_finite_loss_before_any_checkpoint_does_not_advise_resume(write_recipe, tmp_path):
+    path = write_recipe(
+        FAST_RECIPE.replace("losses:\n", "losses:\n  - name: nan_at\n    step: 3\n")
+    )
+    plan = build_plan(load_recipe(path), Registry.load(extra=(NanPlugin(),)))
+    next(b.term for b in plan.losses if b.label == "nan_at").calls = 0
+    with pytest.raises(TrainingStopped) as info:
+        train(plan, tmp_path / "nan", progress=False)
+    message = str(info.value)
+    assert "loss became nan at step 3" in message and "no checkpoint was written yet" in message
+    assert "--resume" not in message and "run again" in message

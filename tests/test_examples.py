@@ -11,7 +11,9 @@ from compressor.graph_pass import tapped
 from compressor.plan import build_plan, plan_stages
 from compressor.recipe import load_recipe
 
-RECIPES = sorted((ROOT / "examples").rglob("*.yaml"))
+# examples/plugin's recipe needs its plugin installed: test_plugin_example.py installs it and
+# validates and runs that recipe.
+RECIPES = sorted(p for p in (ROOT / "examples").rglob("*.yaml") if p.parent.name != "plugin")
 
 
 def test_examples_exist():

@@ -447,3 +447,28 @@ def test_transformer_loss_errors_are_located(tiny, tmp_path, registry, old, new,
     with pytest.raises((RecipeError, RecipeErrors)) as caught:
         build_plan(load_recipe(path), registry)
     assert message in str(caught.value) and f"{path}:" in str(caught.value)
+
+
+def test_transformers_notices_appear_once_per_process(tiny, tmp_path):
+    """A classifier head on an encoder checkpoint makes transformers say 'newly initialized';
+    planning twice in one process (as stages do) says it once."""
+    text = f"""\
+teacher: {{loader: hf, model: {tiny["bert"]}, task: sequence-classification, kwargs: {{num_labels: 6}}}}
+student: {{from_teacher: true}}
+data:
+  loader: text
+  kwargs: {{source: docstrings, task: classification, max_length: 16, limit: 40}}
+losses: [{{name: kd}}]
+train: {{steps: 1}}
+"""
+    path = _write(tmp_path, text)
+    script = (
+        "from compressor.plan import build_plan\n"
+        "from compressor.recipe import load_recipe\n"
+        "from compressor.registry import Registry\n"
+        "registry = Registry.load()\n"
+        f"for _ in range(2): build_plan(load_recipe({str(path)!r}), registry)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("newly initialized") == 1, done.stderr
