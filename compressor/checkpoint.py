@@ -7,6 +7,7 @@ pieces such as projections) and state.pt (optimizer, schedule, RNG, step), read 
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from dataclasses import dataclass
@@ -34,12 +35,18 @@ def save_checkpoint(
     tmp = folder / f".tmp-step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(student, str(tmp / "student.safetensors"))
-    save_model(losses, str(tmp / "losses.safetensors"))
-    torch.save({"step": step, **state}, tmp / "state.pt")
+    try:
+        save_model(student, str(tmp / "student.safetensors"))
+        save_model(losses, str(tmp / "losses.safetensors"))
+        buffer = io.BytesIO()  # written by Python, so a failing write says why (OSError)
+        torch.save({"step": step, **state}, buffer)
+        (tmp / "state.pt").write_bytes(buffer.getvalue())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _write_atomic(folder / LATEST, final.name)
+    write_atomic(folder / LATEST, final.name)
     for old in sorted(p for p in folder.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return Checkpoint(final, step)
@@ -63,7 +70,8 @@ def load_checkpoint(
     return dict(torch.load(checkpoint.path / "state.pt", weights_only=True))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds either its old text or `text`, never a part: written aside, then renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -19,6 +19,7 @@ from compressor.graph_pass import (
 from compressor.plugin_manager import AUTOLOAD_ENV
 from compressor.recipe import Recipe, load_recipe
 from compressor.registry import Registry
+from compressor.run_folder import check_output
 
 if TYPE_CHECKING:
     from compressor.plan import DistillPlan
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         recipe = load_recipe(args.recipe, args.overrides, registry)
         if args.command == "validate":
+            check_output(recipe)  # what the run would refuse first
             print(describe_plan(recipe, registry))
             return 0
         if args.command == "graph":
@@ -234,7 +236,8 @@ def _shape_text(shape: tuple[Any, ...] | None) -> str:
 
 def summarize(report: dict[str, Any], run_dir: Path) -> str:
     models = report["models"]
-    lines = [f"run folder: {run_dir}"]
+    lines = [f"warning: {text}" for text in report.get("warnings", [])]
+    lines.append(f"run folder: {run_dir}")
     for role in ("teacher", "student", "baseline"):
         if role in models:
             q = models[role]["quality"]

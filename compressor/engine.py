@@ -6,9 +6,11 @@ RNG state, so a resumed run follows the same loss trajectory as an uninterrupted
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -23,8 +25,10 @@ from tqdm import tqdm
 from compressor.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from compressor.errors import CompressorError, RunFailed, TrainingStopped, failure
 from compressor.plan import DistillPlan
+from compressor.recipe import DivergenceGuard
 
 METRICS = "metrics.jsonl"
+UNMEASURED = torch.tensor(0.0)  # the gradient norm of a step that is not read back
 
 
 @dataclass
@@ -58,9 +62,9 @@ def train(
     checkpoints = run_dir / "checkpoints"
     metrics_path = run_dir / METRICS
     n_train = len(plan.data.train)
-    # Loss values are read back (and checked) only when logged, evaluated or checkpointed:
-    # on a GPU every read is a device sync. A non-finite loss is still reported at the step it
-    # appeared, and no checkpoint is written after it.
+    # Loss values and gradient norms are read back (and checked) only when logged, evaluated
+    # or checkpointed: on a GPU every read is a device sync. A bad step is still reported at
+    # the step it appeared, and no checkpoint is written after it.
 
     run_dir.mkdir(parents=True, exist_ok=True)
     start, last_good = 0, None
@@ -93,20 +97,26 @@ def train(
         log({"step": 0, **{f"eval/{k}": v for k, v in initial_scores.items()}})
     labels = [bound.label for bound in plan.losses]
     scores: dict[str, float] = {}
-    pending: list[tuple[int, torch.Tensor, float]] = []  # (step, terms [T], lr) not yet read
+    pending: list[tuple[int, torch.Tensor, float]] = []  # (step, [terms, grad norm], lr) unread
+
+    guard = Divergence(cfg.divergence, read_metrics(metrics_path) if resume else [])
 
     def read_back() -> None:
-        """Log the pending steps; stop on the first non-finite loss among them."""
-        values = torch.stack([terms for _, terms, _ in pending]).float().cpu().tolist()
+        """Log the pending steps; stop on the first step whose loss is not finite or blows
+        up, or whose gradient norm is not finite."""
+        values = torch.stack([row for _, row, _ in pending]).float().cpu().tolist()
         for (step, _, lr), row in zip(pending, values, strict=True):
-            terms = dict(zip(labels, row, strict=True))
-            total = math.fsum(row)
-            if not math.isfinite(total):
-                log({"step": step, "event": "non_finite_loss", "loss": total, **terms})
+            *loss_values, grad_norm = row
+            terms = dict(zip(labels, loss_values, strict=True))
+            total = math.fsum(loss_values)
+            problem = guard.problem(total, grad_norm)
+            if problem is not None:
+                event, message = problem
+                log({"step": step, "event": event, "loss": total, **terms, "grad_norm": grad_norm})
                 bar.close()
-                raise TrainingStopped(_non_finite(step, total, terms, last_good))
+                raise TrainingStopped(_stopped(step, message, terms, last_good))
             if step % cfg.log_every == 0 or step == cfg.steps:
-                log({"step": step, "loss": total, **terms, "lr": lr})
+                log({"step": step, "loss": total, **terms, "grad_norm": grad_norm, "lr": lr})
         bar.show_terms({"loss": total, **terms})
         pending.clear()
 
@@ -122,17 +132,28 @@ def train(
             raise
         except Exception as exc:
             raise RunFailed(f"training step {step + 1}: {plan.part.name}", exc) from exc
+        done = step + 1
+        evaluate_now = done % cfg.eval_every == 0 or done == cfg.steps
+        checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        read_now = evaluate_now or checkpoint_now or done % cfg.log_every == 0
+        # The gradient norm stays on the device until read back with the loss terms. Without
+        # clipping it is computed only on steps that are read back (about 5% of a small
+        # model's step): a non-finite gradient elsewhere makes the next loss non-finite, and
+        # checkpoint steps are always read, so a NaN gradient never reaches a checkpoint.
         if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        elif read_now:
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = nn.utils.get_total_norm(grads, foreach=True)
+        else:
+            grad_norm = UNMEASURED
         optimizer.step()
         scheduler.step()
 
-        done = step + 1
-        values = torch.stack([t.detach().float() for t in terms])  # [terms], read back later
+        # [terms..., grad norm], read back later
+        values = torch.stack([*(t.detach().float() for t in terms), grad_norm.to(device).float()])
         pending.append((done, values, float(scheduler.get_last_lr()[0])))
-        evaluate_now = done % cfg.eval_every == 0 or done == cfg.steps
-        checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
-        if evaluate_now or checkpoint_now or done % cfg.log_every == 0:
+        if read_now:
             read_back()
         bar.advance(done)
         if evaluate_now:
@@ -151,9 +172,13 @@ def train(
                     "rng": torch.get_rng_state(),
                 }
                 # the training graph holds the student's weights and what passes added to it
-                last_good = save_checkpoint(
-                    checkpoints, done, plan.student_graph, losses, state, cfg.keep_checkpoints
-                )
+                try:
+                    last_good = save_checkpoint(
+                        checkpoints, done, plan.student_graph, losses, state, cfg.keep_checkpoints
+                    )
+                except Exception as exc:  # safetensors reports I/O errors as its own type
+                    bar.close()
+                    raise CompressorError(_unwritten(done, checkpoints, exc, last_good)) from exc
     bar.close()
     seconds = time.perf_counter() - began
     history = read_metrics(metrics_path)
@@ -168,17 +193,65 @@ def train(
     return TrainResult(run_dir, cfg.steps, final, initial, history, seconds)
 
 
-def _non_finite(step: int, total: float, terms: dict[str, float], last_good: Any) -> str:
+class Divergence:
+    """train.divergence: a loss that is not finite, one that is over `factor` times the median
+    of the steps before it and over where it started (the first step's loss, so a loss that
+    climbs back without passing its start is left alone), or a gradient norm that is not
+    finite. Checked from the second step on, so a blow-up at once is caught at once."""
+
+    def __init__(self, spec: DivergenceGuard | None, history: list[dict[str, Any]]):
+        self.spec = spec
+        self.recent: collections.deque[float] = collections.deque(maxlen=spec.window if spec else 1)
+        self.started: float | None = None
+        for record in history:  # a resumed run continues the window it had
+            if "loss" in record and record.get("event") is None:
+                self._add(float(record["loss"]))
+
+    def _add(self, total: float) -> None:
+        self.recent.append(total)
+        if self.started is None:
+            self.started = total
+
+    def problem(self, total: float, grad_norm: float) -> tuple[str, str] | None:
+        """(event, message) when the step must stop the run, else None."""
+        if not math.isfinite(total):
+            return "non_finite_loss", f"the loss became {total}"
+        if self.spec is not None and not math.isfinite(grad_norm):
+            return "non_finite_grad", f"the gradient norm became {grad_norm} (loss {total:.4g})"
+        if self.spec is not None and self.started is not None:
+            median = statistics.median(self.recent)
+            if median > 0 and total > self.spec.factor * median and total > self.started:
+                return "diverged", (
+                    f"the loss diverged: {total:.4g} is over {self.spec.factor:g}x the median "
+                    f"{median:.4g} of the steps before it (train.divergence)"
+                )
+        self._add(total)
+        return None
+
+
+def _stopped(step: int, problem: str, terms: dict[str, float], last_good: Any) -> str:
     values = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
     if last_good is not None:
         kept = f"the last good checkpoint is {last_good.path}"
         then = "then continue with --resume"
     else:
         kept = "no checkpoint was written yet"
-        then = "then run again (with --overwrite)"
+        then = "then run again"
     return (
-        f"loss became {total} at step {step} (terms: {values}); training stopped and {kept}."
-        f"\n  try a lower learning rate or train.grad_clip, {then}"
+        f"at step {step}, {problem} (terms: {values}); training stopped, nothing is exported "
+        f"and {kept}.\n  try a lower learning rate or train.grad_clip, {then}"
+    )
+
+
+def _unwritten(step: int, folder: Path, exc: Exception, last_good: Any) -> str:
+    if last_good is not None:
+        kept, then = f"the last good checkpoint is {last_good.path}", "continue with --resume"
+    else:
+        kept, then = "no checkpoint was written yet", "run again"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return (
+        f"writing the checkpoint of step {step} to {folder} failed: {reason}; {kept}. "
+        f"Free space (or lift the file-size limit), then {then}"
     )
 
 

@@ -9,6 +9,7 @@ call it on the student's eval-form graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import fx, nn
@@ -26,9 +27,40 @@ class EvalContext:
 
 
 class Evaluator(Component[OptionsT]):
-    """Metrics of a model on `context.data.eval`; `name` is the task it scores."""
+    """Metrics of a model on `context.data.eval`; `name` is the task it scores.
+
+    `primary` names the metric that says better or worse (`higher_is_better` which way), and
+    `chance()` its value for a model that learned nothing, so a run can warn when its student
+    ends worse than it started or at chance."""
 
     context: EvalContext
+    primary: ClassVar[str | None] = None
+    higher_is_better: ClassVar[bool] = True
+
+    def chance(self) -> float | None:
+        """The primary metric of a model that learned nothing (None: not known)."""
+        return None
+
+    def warnings(self, before: dict[str, float], after: dict[str, float]) -> list[str]:
+        """What a user must know before shipping a student that scored `after`, having started
+        at `before`: worse than it started, or no better than chance."""
+        key = self.primary
+        if key is None or key not in after:
+            return []
+        sign = 1.0 if self.higher_is_better else -1.0
+        out = []
+        if key in before and sign * (after[key] - before[key]) < 0:
+            out.append(
+                f"the student ends worse than it started: {key} {after[key]:.4g} after "
+                f"training, {before[key]:.4g} before"
+            )
+        chance = self.chance()
+        if chance is not None and sign * (after[key] - chance) <= 0.01 * max(1.0, abs(chance)):
+            out.append(
+                f"the student is at chance level: {key} {after[key]:.4g}, where a model that "
+                f"learned nothing scores {chance:.4g}"
+            )
+        return out
 
     def setup(self, context: EvalContext) -> None:
         """Called once per plan before any evaluation."""

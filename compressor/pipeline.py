@@ -7,7 +7,6 @@ broken recipe writes nothing.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import traceback
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from compressor.plan import DistillPlan, build_plan, plan_stages
 from compressor.recipe import LossSpec, Recipe
 from compressor.registry import Registry
 from compressor.report import build_report
+from compressor.run_folder import check_output, claim
 
 
 @dataclass
@@ -45,6 +45,7 @@ def run(
     """plan -> train -> export -> measure -> report, each phase using what the one before
     produced. Everything that can be checked is checked by the plan, before the run folder
     exists; a failure after that names its phase and leaves its traceback in error.log."""
+    check_output(recipe)
     stages = plan_stages(recipe, registry)
     plan = stages[-1][1]
     if recipe.report.baseline and recipe.stages is not None:
@@ -57,29 +58,29 @@ def run(
         build_plan(baseline_recipe(recipe), registry) if recipe.report.baseline else None
     )
     run_dir = recipe.run_dir()
-    _claim_run_dir(run_dir, resume, overwrite)
-    _write_recipe_copy(recipe, run_dir, overrides)
-    try:
-        if recipe.stages is None:
-            result = train(plan, run_dir, resume=resume, progress=progress)
-            stage_results: list[dict[str, Any]] = []
-        else:
-            result, stage_results = train_stages(stages, run_dir, resume, progress)
-        baseline: TrainResult | None = None
-        if baseline_plan is not None:
-            base_dir = run_dir / "baseline"
-            base_resume = resume and latest_checkpoint(base_dir / "checkpoints") is not None
-            baseline = train(baseline_plan, base_dir, resume=base_resume, progress=progress)
-
-        save_model(plan.student, str(run_dir / "student.safetensors"))
-        exports = export_artifacts(plan, run_dir / "export")
-        measured = measure(plan, exports)
-    except RunFailed as exc:
-        log = run_dir / "error.log"
-        log.write_text("".join(traceback.format_exception(exc.cause)))
-        raise CompressorError(f"{exc}\n  full traceback: {log}") from exc
-    report = build_report(plan, result, baseline, exports, measured, stage_results)
-    registry.pm.hook.compressor_write_report(report=report, run_dir=run_dir)
+    with claim(run_dir, resume, overwrite) as folder:
+        _write_recipe_copy(recipe, run_dir, overrides)
+        try:
+            if recipe.stages is None:
+                result = train(plan, run_dir, resume=resume, progress=progress)
+                stage_results: list[dict[str, Any]] = []
+            else:
+                result, stage_results = train_stages(stages, run_dir, resume, progress)
+            baseline: TrainResult | None = None
+            if baseline_plan is not None:
+                base_dir = run_dir / "baseline"
+                base_resume = resume and latest_checkpoint(base_dir / "checkpoints") is not None
+                baseline = train(baseline_plan, base_dir, resume=base_resume, progress=progress)
+            with failure("saving the student"):
+                save_model(plan.student, str(run_dir / "student.safetensors"))
+            exports = export_artifacts(plan, run_dir / "export")
+            folder.record()
+            measured = measure(plan, exports)
+            report = build_report(plan, result, baseline, exports, measured, stage_results)
+            with failure("writing the report"):
+                registry.pm.hook.compressor_write_report(report=report, run_dir=run_dir)
+        except RunFailed as exc:
+            raise CompressorError(f"{exc}\n  {_log_failure(run_dir, exc.cause)}") from exc
     student_exports = [e for e in exports if e.role == "student"]
     failed = [e.result for e in student_exports if not e.result.ok]
     if failed:
@@ -177,25 +178,15 @@ def export_artifacts(plan: DistillPlan, out_dir: Path) -> list[Artifact]:
     return artifacts
 
 
-def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """A folder holds a run when there is something to resume or a finished report; what a
-    run that failed before its first checkpoint left can be written over."""
-    folders = [run_dir / "checkpoints", *run_dir.glob("stages/*/checkpoints")]
-    resumable = any(latest_checkpoint(folder) is not None for folder in folders)
-    has_run = resumable or any(run_dir.glob("stages/*/done.json"))
-    has_run = has_run or (run_dir / "report.json").is_file()
-    if resume:
-        if not resumable and not any(run_dir.glob("stages/*/done.json")):
-            raise CompressorError(f"--resume: {run_dir} has no checkpoint to resume from")
-        return
-    if has_run and not overwrite:
-        raise CompressorError(
-            f"run folder {run_dir} already holds a run; pass --resume to continue it, "
-            "--overwrite to replace it, or output=OTHER_FOLDER"
-        )
-    if has_run:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _log_failure(run_dir: Path, cause: BaseException) -> str:
+    """The traceback goes to error.log; where that cannot be written, it is shown."""
+    text = "".join(traceback.format_exception(cause))
+    log = run_dir / "error.log"
+    try:
+        log.write_text(text)
+    except OSError as exc:
+        return f"error.log could not be written ({exc.strerror}); the traceback:\n{text}"
+    return f"full traceback: {log}"
 
 
 def _write_recipe_copy(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_leaves
 
 from compressor.errors import CaptureError, CompressorError, Problem, RecipeError, RecipeErrors
 from compressor.evaluate import EvalContext, Evaluator
@@ -436,10 +438,31 @@ def load_models(
     assert student is not None
     if not needs_teacher:
         teacher = None
+    for role, module in (("teacher", teacher), ("student", student)):
+        if module is not None:
+            _check_finite_weights(recipe, role, module)
     student.to(device).train()
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     return teacher, student
+
+
+def _check_finite_weights(recipe: Recipe, role: str, module: nn.Module) -> None:
+    """NaN or infinite weights would stop the run at its first step: say so now, and where."""
+    tensors = itertools.chain(module.named_parameters(), module.named_buffers())
+    bad = [
+        (name, int((~torch.isfinite(t)).sum()))
+        for name, t in tensors
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        shown = ", ".join(f"{name} ({n})" for name, n in bad[:3])
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        raise RecipeError(
+            recipe.locate((role,)),
+            f"the {role}'s weights hold values that are not finite (NaN or inf): {shown}{more}",
+            "finite weights: check the checkpoint the loader reads",
+        )
 
 
 def _check_exporter(
@@ -606,8 +629,9 @@ def _shapes(gm: fx.GraphModule, names: list[str]) -> Shapes:
 def rehearse(plan: DistillPlan) -> None:
     """Run every graph on real data in each form it will run in, so what would fail at step
     1, at the first evaluation or at export fails here, located, before a run folder exists:
-    one training step's losses and gradients (no optimizer step), the eval-form student at
-    an eval batch and at batch 1 (the export checks), and the whole teacher. Nothing the
+    the eval-form student at an eval batch and at batch 1 (the export checks), the whole
+    teacher, and one training step's losses and gradients (no optimizer step); outputs and
+    losses that are not finite are errors too. Nothing the
     rehearsal touches survives it: BatchNorm statistics, gradients and the RNG are restored."""
     recipe = plan.recipe
     modules = [plan.student_graph, *(b.term for b in plan.losses)]
@@ -616,9 +640,7 @@ def rehearse(plan: DistillPlan) -> None:
     n = min(recipe.data.batch_size, len(plan.data.train))
     x, y = plan.data.batch("train", range(n), plan.device)
     try:
-        with _located(plan, f"one training batch of {n}"):
-            terms = plan.loss_terms(x, y)
-            torch.stack([t.float() for t in terms.values()]).sum().backward()
+        # eval forms first: a teacher that gives NaN is named as such, not as a NaN loss
         evaluated = [
             (
                 StepPart("the student's eval and export graph", ("student",)),
@@ -633,13 +655,38 @@ def rehearse(plan: DistillPlan) -> None:
                     if gm is not None:
                         plan.part = part
                         with _located(plan, f"an eval batch of {batch_size(batch)}"):
-                            call_model(gm, to_device(batch, plan.device))
+                            out = call_model(gm, to_device(batch, plan.device))
+                        _check_finite_outputs(plan, part, out, batch_size(batch))
+        with _located(plan, f"one training batch of {n}"):
+            terms = plan.loss_terms(x, y)
+        for bound in plan.losses:
+            value = terms[bound.label]
+            if not bool(torch.isfinite(value).all()):
+                raise RecipeError(
+                    recipe.locate(bound.part.path),
+                    f"loss {bound.label!r} is {value.detach().float().cpu().tolist()} on the "
+                    f"first training batch of {n}: training would stop at step 1",
+                )
+        with _located(plan, f"one training batch of {n}"):
+            torch.stack([t.float() for t in terms.values()]).sum().backward()
     finally:
         for p in plan.trainable_parameters():
             p.grad = None
         for tensor, saved in buffers:
             tensor.copy_(saved)
         torch.set_rng_state(rng)
+
+
+def _check_finite_outputs(plan: DistillPlan, part: StepPart, out: Any, batch: int) -> None:
+    leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in leaves)
+    if bad:
+        total = sum(t.numel() for t in leaves)
+        raise RecipeError(
+            plan.recipe.locate(part.path),
+            f"{part.name} gives {bad} values that are not finite (of {total}) on a real eval "
+            f"batch of {batch}",
+        )
 
 
 @contextlib.contextmanager

@@ -9,11 +9,12 @@ plugins too: they expand `stages: {preset: NAME, ...}` into stages while the rec
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -31,6 +32,9 @@ from compressor.yaml_positions import KeyPath, SourceMap, format_path, load_yaml
 
 if TYPE_CHECKING:
     from compressor.registry import Registry
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class Strict(BaseModel):
@@ -51,7 +55,9 @@ class ComponentSpec(BaseModel):
 
 
 class LossSpec(ComponentSpec):
-    weight: float = 1.0
+    weight: float = Field(
+        1.0, ge=0, description="a negative weight would maximise the term, which diverges"
+    )
 
 
 class PassSpec(ComponentSpec):
@@ -85,6 +91,15 @@ class CaptureSpec(Strict):
     method: Literal["auto", "export", "symbolic_trace"] = "auto"
 
 
+class DivergenceGuard(Strict):
+    """Training stops when a step's loss is over `factor` times the median of the `window`
+    steps before it and over the first step's loss, or when the gradient norm is not
+    finite."""
+
+    factor: float = Field(100.0, gt=1)
+    window: int = Field(100, ge=5)
+
+
 class TrainSpec(Strict):
     steps: int = Field(gt=0)
     optimizer: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="adamw"))
@@ -94,11 +109,20 @@ class TrainSpec(Strict):
     eval_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    divergence: DivergenceGuard | None = Field(
+        default_factory=lambda: DivergenceGuard(),
+        description="stop a run whose loss blows up; null turns the guard off",
+    )
+
+    @field_validator("divergence", mode="before")
+    @classmethod
+    def _guard_off(cls, value: Any) -> Any:
+        return None if value is False else value
 
 
 class ReportSpec(Strict):
     baseline: bool = False
-    latency_batches: list[int] = Field(default_factory=lambda: [1, 32])
+    latency_batches: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 32])
     latency_repeats: int = Field(50, gt=0)
     latency_tokens: int | None = Field(
         None, gt=1, description="text models: time inputs of exactly this many tokens"
@@ -138,6 +162,17 @@ class Recipe(Strict):
     stages: list[StageSpec] | None = Field(
         None, description="a staged schedule: a list of stages, or {preset: NAME, ...}"
     )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+            raise ValueError(
+                f"name {name!r} is not a plain name: letters, digits, '.', '_' and '-', no "
+                "path separators; the run folder is runs/<name>, and output: picks any other "
+                "folder"
+            )
+        return name
 
     @field_validator("stages")
     @classmethod

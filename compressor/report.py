@@ -47,6 +47,9 @@ def build_report(
             if a.role == "student"
         ],
     }
+    warnings = plan.evaluator.warnings(result.initial_eval, result.final_eval)
+    if warnings:
+        report["warnings"] = warnings
     if plan.notes:
         report["pass_notes"] = plan.notes
     if "teacher" in models:

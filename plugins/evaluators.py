@@ -35,10 +35,14 @@ class _TokenScores(Evaluator[NoOptions]):
     """Cross entropy and accuracy of logits against labels (-100 = not scored)."""
 
     next_token = False
+    primary = "accuracy"
+    label_counts: torch.Tensor | None = None  # of the scored labels, from the last evaluation
+    classes = 0
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         c = self.context
         correct, loss_sum, count = 0, 0.0, 0
+        counts = torch.zeros(0, dtype=torch.long)
         for start in _batches(c):
             x, y = c.data.batch("eval", _indices(c, start), c.device)
             logits = call_model(model, x).float()
@@ -48,10 +52,21 @@ class _TokenScores(Evaluator[NoOptions]):
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE))
             correct += int(((logits.argmax(-1) == y) & scored).sum())
             count += int(scored.sum())
+            self.classes = logits.shape[-1]
+            seen = torch.bincount(y[scored].cpu(), minlength=self.classes)
+            counts = seen if counts.numel() == 0 else counts + seen
+        self.label_counts = counts
         return self.metrics(loss_sum / max(count, 1), correct / max(count, 1))
 
     def metrics(self, loss: float, accuracy: float) -> dict[str, float]:
         return {"accuracy": accuracy, "loss": loss}
+
+    def chance(self) -> float | None:
+        """Always answering the commonest label."""
+        counts = self.label_counts
+        if counts is None or int(counts.sum()) == 0:
+            return None
+        return float(counts.max()) / float(counts.sum())
 
 
 class Classification(_TokenScores):
@@ -65,6 +80,12 @@ class LanguageModeling(_TokenScores):
 
     name = "language-modeling"
     next_token = True
+    primary = "loss"
+    higher_is_better = False
+
+    def chance(self) -> float | None:
+        """The loss of a uniform guess over the vocabulary."""
+        return math.log(self.classes) if self.classes else None
 
     def metrics(self, loss: float, accuracy: float) -> dict[str, float]:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": accuracy}
@@ -111,7 +132,12 @@ class Embedding(Evaluator[NoOptions]):
     """Agreement of sentence embeddings with the teacher's (cosine, Spearman, top-1)."""
 
     name = "embedding"
+    primary = "spearman"
     _reference: torch.Tensor | None = None
+
+    def chance(self) -> float | None:
+        """Similarities unrelated to the teacher's."""
+        return 0.0
 
     def setup(self, context: EvalContext) -> None:
         super().setup(context)

@@ -36,6 +36,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     models = report["models"]
     roles = [r for r in ("teacher", "student", "baseline") if r in models]
     lines = [f"# {report['name']}: distillation report", ""]
+    lines += [f"> **Warning:** {text}." for text in report.get("warnings", [])]
+    if report.get("warnings"):
+        lines.append("")
     lines.append(
         f"Recipe `{report['recipe']}`, {report['steps']} steps on {report['device']} "
         f"in {report['train_seconds']} s. Losses: "

@@ -187,8 +187,10 @@ def test_a_failure_during_a_run_names_the_phase_and_logs_the_traceback(
 
 def test_a_run_that_failed_before_its_first_checkpoint_can_run_again(write_recipe, tmp_path):
     path = write_recipe()
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0}\n')  # what a crash leaves
+    # a learning rate that blows the loss up at step 2, before any checkpoint
+    assert main([str(path), "--quiet", "train.optimizer.lr=1000"]) == 1
+    left = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert left == [".owned.json", "metrics.jsonl", "recipe.yaml"]
     assert main([str(path), "--quiet", "train.steps=5"]) == 0
     assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == 5
 

@@ -115,7 +115,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
     with pytest.raises(TrainingStopped) as info:
         train(plan, run_dir, progress=False)
     message = str(info.value)
-    assert "loss became nan at step 13" in message and "nan_at=nan" in message
+    assert "at step 13, the loss became nan" in message and "nan_at=nan" in message
     assert f"the last good checkpoint is {run_dir / 'checkpoints' / 'step_0000010'}" in message
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_0000010"]
     assert read_metrics(run_dir / "metrics.jsonl")[-1]["event"] == "non_finite_loss"
@@ -188,5 +188,7 @@ def test_a_non_finite_loss_before_any_checkpoint_does_not_advise_resume(write_re
     with pytest.raises(TrainingStopped) as info:
         train(plan, tmp_path / "nan", progress=False)
     message = str(info.value)
-    assert "loss became nan at step 3" in message and "no checkpoint was written yet" in message
+    assert (
+        "at step 3, the loss became nan" in message and "no checkpoint was written yet" in message
+    )
     assert "--resume" not in message and "run again" in message
