@@ -37,7 +37,7 @@ examples:
 set {AUTOLOAD_ENV}=1 to load only compressor's own plugins (plus any -p NAME).
 """
 
-COMMANDS = ("run", "validate", "graph", "plugins")
+COMMANDS = ("run", "validate", "graph", "plugins", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     graph.add_argument("-o", "--output", type=Path, help="also write the listing to this file")
+    bench = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="time teacher, student and every exported artifact on every backend here",
+    )
+    bench.add_argument("target", type=Path, help="a finished run folder, or its recipe")
+    bench.add_argument(
+        "--backend", action="append", help="only these (pytorch, onnxruntime-cpu, ...)"
+    )
+    bench.add_argument("--batch-sizes", type=_int_list, help="e.g. 1,32 (default: the recipe's)")
+    bench.add_argument("--tokens", type=int, help="text models: tokens per sample")
+    bench.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    bench.add_argument("--iterations", type=int, help="calls per candidate per round")
+    bench.add_argument(
+        "--duration", type=float, default=0.5, help="seconds per candidate per round (default)"
+    )
     return parser
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers like 1,32") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive batch sizes like 1,32")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +131,21 @@ def main(argv: list[str] | None = None) -> int:
         registry = Registry.load(disabled, enabled)
         if args.command == "plugins":
             print(describe_plugins(registry))
+            return 0
+        if args.command == "bench":
+            from compressor.bench_deploy import bench
+
+            out, text = bench(
+                args.target,
+                registry,
+                args.batch_sizes,
+                args.tokens,
+                args.backend,
+                args.rounds,
+                args.iterations,
+                args.duration,
+            )
+            print(text + f"\nwritten: {out / 'bench.md'}, bench.json, bench.png")
             return 0
         recipe = load_recipe(args.recipe, args.overrides, registry)
         if args.command == "validate":
@@ -235,6 +276,8 @@ def _shape_text(shape: tuple[Any, ...] | None) -> str:
 
 
 def summarize(report: dict[str, Any], run_dir: Path) -> str:
+    from compressor.report import export_check
+
     models = report["models"]
     lines = [f"warning: {text}" for text in report.get("warnings", [])]
     lines.append(f"run folder: {run_dir}")
@@ -247,9 +290,7 @@ def summarize(report: dict[str, Any], run_dir: Path) -> str:
             f"  distillation gain: {report['distillation_gain']['accuracy'] * 100:+.2f} accuracy points"
         )
     for e in report["exports"]:
-        lines.append(
-            f"  {e.get('label', e['exporter'])}: {e['path']} max abs diff {e['max_abs_diff']:.3g} (tolerance {e['tolerance']:.3g})"
-        )
+        lines.append(f"  {e.get('label', e['exporter'])}: {e['path']} {export_check(e)}")
     lines.append(f"  report: {run_dir / 'report.md'}")
     return "\n".join(lines)
 

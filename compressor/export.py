@@ -10,25 +10,63 @@ import torch
 from torch import fx, nn
 
 from compressor.components import Component, OptionsT
-from compressor.loading import Inputs
+from compressor.evaluate import Evaluator
+from compressor.loading import DataBundle, Inputs
 
 
 @dataclass
 class ExportResult:
+    """What an exporter wrote and how it was checked: outputs against PyTorch (max abs
+    difference within `tolerance`) and, for lossy artifacts (int8), the task metric
+    against the fp32 model (`drop` in the primary metric's units, within `max_drop`)."""
+
     exporter: str  # the exporter's name
     path: Path
     max_abs_diff: float
     tolerance: float
     details: dict[str, Any] = field(default_factory=dict)
     label: str = ""  # unique within a run (`onnx`, `onnx_1`); set by the export step
+    drop: float | None = None
+    max_drop: float | None = None
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        within = self.max_abs_diff <= self.tolerance
+        return within and (self.drop is None or self.max_drop is None or self.drop <= self.max_drop)
+
+    def failure(self) -> str:
+        """Why the artifact failed its check, in one line."""
+        if self.drop is not None and self.max_drop is not None and self.drop > self.max_drop:
+            metric = self.details.get("metric", "the metric")
+            return (
+                f"{self.label} export {self.path} loses {self.drop:.3g} {metric} against the fp32 "
+                f"model (max_drop {self.max_drop:.3g})"
+            )
+        return (
+            f"{self.label} export {self.path} differs from PyTorch by {self.max_abs_diff:.3g} "
+            f"(tolerance {self.tolerance:.3g})"
+        )
+
+
+@dataclass
+class ExportContext:
+    """What an exporter may draw on besides the graph: the recipe's data (calibration
+    batches), the task's evaluator (verification by metric) and the plan's device."""
+
+    data: DataBundle
+    batch_size: int
+    device: torch.device
+    evaluator: Evaluator[Any]
 
 
 class Exporter(Component[OptionsT]):
     """Writes a deployable artifact of a graph and verifies it against PyTorch."""
+
+    context: ExportContext
+
+    def setup(self, context: ExportContext) -> None:
+        """Called once per plan, before any export."""
+        self.context = context
 
     def check(self, module: nn.Module, device: torch.device) -> None:
         """Raise ValueError if this exporter cannot export `module` here (checked when the

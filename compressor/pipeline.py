@@ -84,13 +84,7 @@ def run(
     student_exports = [e for e in exports if e.role == "student"]
     failed = [e.result for e in student_exports if not e.result.ok]
     if failed:
-        raise ExportError(
-            "; ".join(
-                f"{e.label} export {e.path} differs from PyTorch by {e.max_abs_diff:.3g} "
-                f"(tolerance {e.tolerance:.3g})"
-                for e in failed
-            )
-        )
+        raise ExportError("; ".join(e.failure() for e in failed))
     return RunSummary(run_dir, report, [e.result for e in student_exports])
 
 

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 from compressor.errors import CaptureError, CompressorError, Problem, RecipeError, RecipeErrors
 from compressor.evaluate import EvalContext, Evaluator
-from compressor.export import Exporter
+from compressor.export import ExportContext, Exporter
 from compressor.graph_pass import (
     OUTPUT,
     PROVIDED,
@@ -222,6 +222,8 @@ def build_plan(recipe: Recipe, registry: Registry, student: nn.Module | None = N
     graphs = capture_graphs(recipe, registry, components, student, teacher, example_inputs)
     _setup_losses(recipe, components.losses, graphs, device)
     evaluator = _build_evaluator(recipe, registry, data, teacher, device)
+    for bound in components.exporters:
+        bound.exporter.setup(ExportContext(data, recipe.data.eval_batch_size, device, evaluator))
     plan = DistillPlan(
         recipe=recipe,
         device=device,

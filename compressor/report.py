@@ -27,6 +27,7 @@ def build_report(
         "name": recipe.name,
         "recipe": str(recipe.path),
         "task": plan.data.task,
+        "metric": plan.evaluator.primary,  # the one that says better or worse
         "device": str(plan.device),
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
@@ -41,6 +42,11 @@ def build_report(
                 "max_abs_diff": a.result.max_abs_diff,
                 "tolerance": a.result.tolerance,
                 "ok": a.result.ok,
+                **(
+                    {"drop": a.result.drop, "max_drop": a.result.max_drop}
+                    if a.result.drop is not None
+                    else {}
+                ),
                 **a.result.details,
             }
             for a in artifacts
@@ -64,3 +70,15 @@ def build_report(
     if stages:
         report["stages"] = stages
     return report
+
+
+def export_check(entry: dict[str, Any]) -> str:
+    """How an artifact was verified, in words: its metric against fp32 for lossy artifacts,
+    its max abs difference to PyTorch otherwise."""
+    if entry.get("drop") is not None:
+        metric = entry["metric"]
+        return (
+            f"{metric} {entry['int8'][metric]:.4f} against fp32 {entry['fp32'][metric]:.4f} "
+            f"(drop {entry['drop']:.4f}, max_drop {entry['max_drop']:.4f})"
+        )
+    return f"max abs diff {entry['max_abs_diff']:.3g} (tolerance {entry['tolerance']:.3g})"

@@ -45,6 +45,7 @@ CORE_ENTRIES = frozenset(
         "export",
         "student.safetensors",
         "error.log",
+        "bench",  # compress bench
     }
 )
 

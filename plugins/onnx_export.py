@@ -55,9 +55,14 @@ class ONNXExporter(Exporter[ONNXOptions]):
         return ExportResult(self.name, path, diff, self.options.tolerance, details)
 
     def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
-        session = ort_session(path)
-        names = [i.name for i in session.get_inputs()]
-        return time_session(session, _feeds(names, inputs), repeats)
+        return ort_latency(path, inputs, repeats)
+
+
+def ort_latency(path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float:
+    """Median seconds per call of an ONNX file in onnxruntime."""
+    session = ort_session(path)
+    names = [i.name for i in session.get_inputs()]
+    return time_session(session, ort_feeds(names, inputs), repeats)
 
 
 def time_session(session: Any, feeds: dict[str, Any], repeats: int) -> float:
@@ -107,7 +112,7 @@ def export_onnx(
             output_names=[graph.meta.get(OUTPUT_NAME_META, "logits")],
             opset_version=opset,
             # one file when it fits protobuf's 2 GiB limit; weights beside it when not
-            external_data=_state_bytes(graph) > 1.5 * 2**30,
+            external_data=state_bytes(graph) > 1.5 * 2**30,
             verbose=False,
         )
     return names
@@ -120,7 +125,7 @@ def graph_device(graph: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
-def _state_bytes(graph: fx.GraphModule) -> int:
+def state_bytes(graph: fx.GraphModule) -> int:
     return sum(t.numel() * t.element_size() for t in graph.state_dict().values())
 
 
@@ -132,7 +137,7 @@ def verify_onnx(
     names = [i.name for i in session.get_inputs()]
     diffs = []
     for batch_inputs in verify_inputs:
-        got = session.run(None, _feeds(names, batch_inputs))[0]
+        got = session.run(None, ort_feeds(names, batch_inputs))[0]
         with torch.no_grad():
             here = [to_device(x, graph_device(graph)) for x in batch_inputs]
             want = (
@@ -149,7 +154,7 @@ def verify_onnx(
     return max(diffs)
 
 
-def _feeds(names: list[str], inputs: tuple[Inputs, ...]) -> dict[str, Any]:
+def ort_feeds(names: list[str], inputs: tuple[Inputs, ...]) -> dict[str, Any]:
     if len(inputs) == 1 and isinstance(inputs[0], dict):
         return {name: inputs[0][name].cpu().numpy() for name in names}
     return {name: x.cpu().numpy() for name, x in zip(names, inputs, strict=True)}  # type: ignore[union-attr]

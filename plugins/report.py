@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.hookspecs import hookimpl
+from compressor.report import export_check
 
 
 @hookimpl
@@ -91,15 +92,56 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"The student has {report['compression']['parameter_ratio']:.1f}x fewer parameters.",
         ]
+    lines += _deployment_lines(report)
     lines += ["", "## Exports", ""]
     for e in report["exports"]:
         verdict = "verified" if e["ok"] else "FAILED"
         lines.append(
-            f"- {e.get('label', e['exporter'])}: `{e['path']}`: max abs difference vs PyTorch "
-            f"{e['max_abs_diff']:.3g} (tolerance {e['tolerance']:.3g}) {verdict}"
+            f"- {e.get('label', e['exporter'])}: `{e['path']}`: {export_check(e)} {verdict}"
         )
     lines += ["", "![training curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def _deployment_lines(report: dict[str, Any]) -> list[str]:
+    """Every artifact: size, the task metric, p50 latency per batch and the speedup over the
+    teacher's fp32 ONNX (the deployment a student replaces)."""
+    models, metric = report["models"], report.get("metric")
+    reference = models.get("teacher", {}).get("latency_ms", {}).get("onnx", {})
+    lossy = {e["label"]: e for e in report["exports"] if e.get("drop") is not None}
+    rows = []
+    batches: list[str] = []
+    for role in ("teacher", "student"):
+        for label, file in models.get(role, {}).get("files", {}).items():
+            latency = models[role]["latency_ms"].get(label, {})
+            batches = batches or sorted(latency, key=int)
+            if label in lossy:  # scored on the student; the teacher's is timed only
+                value = lossy[label]["int8"].get(metric) if role == "student" else None
+            else:  # verified equal to PyTorch, so PyTorch's score
+                value = models[role]["quality"].get(metric)
+            speedups = [
+                f"{reference[b] / latency[b]:.2f}x"
+                if reference.get(b) and latency.get(b)
+                else "n/a"
+                for b in batches
+            ]
+            rows.append(
+                [f"{role} {label}", f"{file['bytes'] / 1024:.1f} KiB", _fmt(value)]
+                + [_fmt(latency.get(b), 3) for b in batches]
+                + speedups
+            )
+    if not rows or metric is None:
+        return []
+    header = ["artifact", "file", metric]
+    header += [f"p50 ms @ {b}" for b in batches] + [f"vs teacher onnx @ {b}" for b in batches]
+    return [
+        "",
+        "## Deployment",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
 
 
 def _stage_lines(stages: list[dict[str, Any]]) -> list[str]:

@@ -1,0 +1,294 @@
+"""`compress bench RUN_DIR_OR_RECIPE`: latency of teacher and student, of every artifact the
+run exported, on every backend available here, side by side.
+
+Each candidate (model x artifact x backend) is loaded once (its build time and resident
+memory growth recorded), warmed up, then timed in interleaved rounds: round r times every
+candidate in turn, so machine noise hits all of them alike. Statistics are over all timed
+calls: p50, p90, p99, mean, samples/s. Writes bench.json, bench.md and bench.png into
+RUN_DIR/bench/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model
+
+from compressor.errors import CompressorError
+from compressor.loading import Inputs, call_model, to_device
+from compressor.measure import latency_inputs
+from compressor.plan import DistillPlan, plan_stages
+from compressor.recipe import load_recipe
+from compressor.registry import Registry
+
+BACKENDS = ("pytorch", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+
+
+@dataclass
+class Candidate:
+    role: str  # teacher or student
+    artifact: str  # "pytorch" (the graph) or the exporter label
+    backend: str
+    load: Callable[[], Callable[[Inputs], Any]]  # builds the runner
+    runner: Callable[[Inputs], Any] | None = None
+    build_seconds: float = 0.0
+    memory_bytes: int = 0
+    times: dict[int, list[float]] = field(default_factory=dict)  # batch -> seconds per call
+
+    @property
+    def name(self) -> str:
+        return f"{self.role} {self.artifact} [{self.backend}]"
+
+
+def run_dir_of(target: Path, registry: Registry) -> tuple[Path, Path, list[str]]:
+    """(run folder, the recipe it ran, its overrides) from a run folder or a recipe."""
+    if target.is_dir():
+        run_dir = target
+        report_path = run_dir / "report.json"
+        if not report_path.is_file():
+            raise CompressorError(f"{run_dir} holds no finished run (no report.json)")
+        recipe = Path(json.loads(report_path.read_text())["recipe"])
+        copy = (run_dir / "recipe.yaml").read_text()
+        overrides = re.findall(r"^#   (.+)$", copy.split("# command-line overrides:")[-1], re.M)
+        if "# command-line overrides:" not in copy:
+            overrides = []
+        return run_dir, recipe, overrides
+    loaded = load_recipe(target, (), registry)
+    return loaded.run_dir(), target, []
+
+
+def candidates(
+    plan: DistillPlan, run_dir: Path, report: dict[str, Any]
+) -> tuple[list[Candidate], list[str]]:
+    """Every (model, artifact, backend) that can run here, and why the others cannot."""
+    out: list[Candidate] = []
+    skipped: list[str] = []
+    graphs = {"teacher": plan.teacher_eval_graph, "student": plan.student_eval_graph}
+    device = plan.device
+    for role in ("teacher", "student"):
+        graph = graphs[role]
+        if graph is None or role not in report["models"]:
+            continue
+        out.append(
+            Candidate(role, "pytorch", f"pytorch-{device.type}", _torch_runner(graph, device))
+        )
+        for label, entry in report["models"][role]["files"].items():
+            path = Path(entry["path"])
+            if path.suffix != ".onnx" or not path.is_file():
+                continue
+            for backend, provider in (
+                ("onnxruntime-cpu", "CPUExecutionProvider"),
+                ("onnxruntime-cuda", "CUDAExecutionProvider"),
+            ):
+                if provider in _providers():
+                    out.append(Candidate(role, label, backend, _ort_runner(path, provider)))
+                else:
+                    skipped.append(
+                        f"{role} {label} [{backend}]: onnxruntime has no {provider} here"
+                    )
+    if not torch.cuda.is_available():
+        skipped.append("tensorrt: no CUDA device here")
+    return out, skipped
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def _torch_runner(
+    graph: torch.fx.GraphModule, device: torch.device
+) -> Callable[[], Callable[[Inputs], Any]]:
+    def load() -> Callable[[Inputs], Any]:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        def run(x: Inputs) -> Any:
+            with torch.no_grad():
+                out = call_model(graph, to_device(x, device))
+            sync()
+            return out
+
+        return run
+
+    return load
+
+
+def _ort_runner(path: Path, provider: str) -> Callable[[], Callable[[Inputs], Any]]:
+    def load() -> Callable[[Inputs], Any]:
+        import onnxruntime as ort
+
+        from compressor.plugins.onnx_export import ort_feeds
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=[provider])
+        names = [i.name for i in session.get_inputs()]
+        return lambda x: session.run(None, ort_feeds(names, (x,)))
+
+    return load
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_all(
+    found: list[Candidate],
+    batches: dict[int, Inputs],
+    rounds: int,
+    iterations: int | None,
+    duration: float,
+) -> None:
+    """Load, warm up, then time every candidate in interleaved rounds."""
+    for c in found:
+        before = _resident_bytes()
+        began = time.perf_counter()
+        c.runner = c.load()
+        for x in batches.values():  # warm-up: first calls allocate and pick kernels
+            for _ in range(3):
+                c.runner(x)
+        c.build_seconds = time.perf_counter() - began
+        c.memory_bytes = max(0, _resident_bytes() - before)
+    for _ in range(rounds):
+        for c in found:
+            assert c.runner is not None
+            for b, x in batches.items():
+                times = c.times.setdefault(b, [])
+                round_began = time.perf_counter()
+                calls = 0
+                while (iterations is not None and calls < iterations) or (
+                    iterations is None
+                    and (calls < 3 or time.perf_counter() - round_began < duration)
+                ):
+                    t0 = time.perf_counter()
+                    c.runner(x)
+                    times.append(time.perf_counter() - t0)
+                    calls += 1
+
+
+def summary(found: list[Candidate]) -> list[dict[str, Any]]:
+    rows = []
+    for c in found:
+        for b, times in c.times.items():
+            ordered = sorted(times)
+
+            def pct(q: float, ordered: list[float] = ordered) -> float:
+                return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
+
+            mean = statistics.fmean(times)
+            rows.append(
+                {
+                    "model": c.role,
+                    "artifact": c.artifact,
+                    "backend": c.backend,
+                    "batch": b,
+                    "calls": len(times),
+                    "p50_ms": statistics.median(times) * 1e3,
+                    "p90_ms": pct(0.90),
+                    "p99_ms": pct(0.99),
+                    "mean_ms": mean * 1e3,
+                    "samples_per_s": b / mean,
+                    "build_s": c.build_seconds,
+                    "memory_mib": c.memory_bytes / 2**20,
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], skipped: list[str], header: str) -> str:
+    lines = [f"# Deployment benchmark: {header}", ""]
+    lines.append(
+        "| model | artifact | backend | batch | p50 ms | p90 ms | p99 ms | mean ms | samples/s "
+        "| build s | memory MiB |"
+    )
+    lines.append("|---" * 11 + "|")
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['artifact']} | {r['backend']} | {r['batch']} | {r['p50_ms']:.3f} "
+            f"| {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | {r['samples_per_s']:.1f} "
+            f"| {r['build_s']:.2f} | {r['memory_mib']:.1f} |"
+        )
+    if skipped:
+        lines += ["", "Not measured here:", ""] + [f"- {s}" for s in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    names = list(dict.fromkeys(f"{r['model']} {r['artifact']}\n{r['backend']}" for r in rows))
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 0.5 * len(names) + 1.5))
+    axes = [axes] if len(batches) == 1 else list(axes)
+    for ax, b in zip(axes, batches, strict=True):
+        by_name = {
+            f"{r['model']} {r['artifact']}\n{r['backend']}": r["p50_ms"]
+            for r in rows
+            if r["batch"] == b
+        }
+        ax.barh(names, [by_name.get(n, 0.0) for n in names])
+        ax.set_title(f"batch {b}: p50 ms")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench(
+    target: Path,
+    registry: Registry,
+    batch_sizes: list[int] | None = None,
+    tokens: int | None = None,
+    backends: list[str] | None = None,
+    rounds: int = 5,
+    iterations: int | None = None,
+    duration: float = 0.5,
+) -> tuple[Path, str]:
+    """Measure; write RUN_DIR/bench/bench.{json,md,png}; (that folder, the markdown)."""
+    run_dir, recipe_path, overrides = run_dir_of(target, registry)
+    report = json.loads((run_dir / "report.json").read_text())
+    recipe = load_recipe(recipe_path, overrides, registry)
+    plan = plan_stages(recipe, registry)[-1][1]
+    load_model(plan.student, str(run_dir / "student.safetensors"))
+    found, skipped = candidates(plan, run_dir, report)
+    if backends:
+        unknown = sorted(set(backends) - {c.backend for c in found} - set(BACKENDS))
+        if unknown:
+            raise CompressorError(
+                f"--backend: unknown {', '.join(unknown)}; known: {', '.join(BACKENDS)}"
+            )
+        found = [c for c in found if c.backend in backends or c.backend.split("-")[0] in backends]
+    sizes = batch_sizes or recipe.report.latency_batches
+    shape_tokens = tokens if tokens is not None else recipe.report.latency_tokens
+    batches = {b: latency_inputs(plan, b, shape_tokens) for b in sizes}
+    measure_all(found, batches, rounds, iterations, duration)
+    rows = summary(found)
+    out = run_dir / "bench"
+    out.mkdir(exist_ok=True)
+    header = f"{run_dir} on {report['device']}" + (
+        f", {shape_tokens} tokens" if shape_tokens else ""
+    )
+    text = markdown(rows, skipped, header)
+    (out / "bench.md").write_text(text)
+    (out / "bench.json").write_text(
+        json.dumps(
+            {"run": str(run_dir), "rounds": rounds, "rows": rows, "not_measured": skipped}, indent=2
+        )
+        + "\n"
+    )
+    plot(rows, out / "bench.png")
+    return out, text

@@ -1,0 +1,215 @@
+"""int8 ONNX for CPUs through onnxruntime's quantization, verified by the task metric.
+
+The fp32 graph is exported as the `onnx` exporter does, pre-processed (shape inference and
+onnxruntime's graph optimisations; for transformer graphs first onnxruntime's transformer
+fusions), then quantized:
+
+- static (QDQ): weights per channel int8, activations uint8 with ranges calibrated on
+  batches of the recipe's training data; the usual choice for convolutional and MLP models;
+- dynamic: int8 weights (embedding tables included), activation ranges computed per call;
+  the usual choice for transformers on CPUs, where it avoids calibrating attention.
+
+`auto` picks dynamic for named text inputs (token ids) and static otherwise. The artifact is
+checked on the eval set by the task's own metric: the drop against the fp32 graph must stay
+within `max_drop` (in the primary metric's units: accuracy, Spearman, loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import fx, nn
+
+from compressor.export import Exporter, ExportResult
+from compressor.hookspecs import hookimpl
+from compressor.loading import Inputs, batch_size
+from compressor.plugins.onnx_export import (
+    export_onnx,
+    ort_feeds,
+    ort_latency,
+    ort_session,
+    state_bytes,
+    verify_onnx,
+)
+
+
+class Int8Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["auto", "static", "dynamic"] = "auto"
+    max_drop: float = Field(
+        0.005, ge=0, description="largest allowed loss of the task's primary metric vs fp32"
+    )
+    calibration_batches: int = Field(8, gt=0, description="static: training batches to calibrate")
+    per_channel: bool = True
+    optimize: Literal["auto", "none"] = Field(
+        "auto", description="auto: onnxruntime's transformer fusions for text models"
+    )
+    opset: int | None = Field(None, ge=18)
+
+
+class ONNXInt8Exporter(Exporter[Int8Options]):
+    """int8 ONNX (onnxruntime quantization, static QDQ or dynamic), checked by the task metric."""
+
+    name = "onnx_int8"
+
+    def export(
+        self,
+        graph: fx.GraphModule,
+        example_inputs: tuple[Inputs, ...],
+        verify_inputs: list[tuple[Inputs, ...]],
+        out_dir: Path,
+        stem: str,
+        module: nn.Module | None = None,
+    ) -> ExportResult:
+        o = self.options
+        path = out_dir / f"{stem}.int8.onnx"
+        text = isinstance(example_inputs[0], dict)
+        mode = o.mode if o.mode != "auto" else ("dynamic" if text else "static")
+        details: dict[str, Any] = {"mode": mode}
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            export_onnx(graph, example_inputs, fp32, o.opset)
+            if o.optimize == "auto" and text:
+                fp32, details["fusions"] = _transformer_fusions(fp32, Path(tmp))
+            prepared = _preprocess(fp32, Path(tmp) / "prepared.onnx")
+            with _quiet():
+                if mode == "static":
+                    _quantize_static(prepared, path, self._calibration(graph), o.per_channel)
+                else:
+                    _quantize_dynamic(prepared, path, o.per_channel)
+        diff = verify_onnx(graph, path, verify_inputs)  # shown, not checked: int8 is lossy
+        evaluator = self.context.evaluator
+        metric = evaluator.primary
+        fp32_scores = evaluator(graph)
+        int8_scores = evaluator(OrtModule(path))
+        details |= {
+            "verified_batches": [batch_size(b[0]) for b in verify_inputs],
+            "metric": metric,
+            "fp32": fp32_scores,
+            "int8": int8_scores,
+            "fp32_bytes": state_bytes(graph),
+        }
+        drop = None
+        if metric is not None and metric in fp32_scores and metric in int8_scores:
+            sign = 1.0 if evaluator.higher_is_better else -1.0
+            drop = sign * (fp32_scores[metric] - int8_scores[metric])
+        return ExportResult(
+            self.name, path, diff, float("inf"), details, drop=drop, max_drop=o.max_drop
+        )
+
+    def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
+        return ort_latency(path, inputs, repeats)
+
+    def _calibration(self, graph: fx.GraphModule) -> list[dict[str, np.ndarray]]:
+        """Feeds of the first training batches (the same data the student learned from)."""
+        c = self.context
+        names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
+        n = len(c.data.train)
+        size = min(c.batch_size, n)
+        feeds = []
+        for start in range(0, min(n, size * self.options.calibration_batches), size):
+            x, _ = c.data.batch("train", range(start, min(start + size, n)), torch.device("cpu"))
+            feeds.append(ort_feeds(names, (x,)))
+        return feeds
+
+
+class OrtModule(nn.Module):
+    """An onnxruntime session as a module, so the task's evaluator scores the artifact
+    exactly as it scores the PyTorch graph."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.session = ort_session(path)
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        inputs: tuple[Inputs, ...] = (kwargs,) if kwargs else args
+        device = next(iter(kwargs.values())).device if kwargs else args[0].device
+        out = self.session.run(None, ort_feeds(self.names, inputs))[0]
+        return torch.from_numpy(out).to(device)
+
+
+def _transformer_fusions(path: Path, tmp: Path) -> tuple[Path, dict[str, int]]:
+    """onnxruntime's BERT-style fusions (attention, layer norm, GELU) where they match;
+    the model unchanged, and no fusions listed, where they do not."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _quiet():
+        model = optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0)
+    fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+    out = tmp / "fused.onnx"
+    model.save_model_to_file(str(out))
+    return out, fused
+
+
+def _preprocess(path: Path, out: Path) -> Path:
+    """Shape inference and graph optimisation, as onnxruntime advises before quantizing."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with _quiet():
+        try:
+            quant_pre_process(str(path), str(out))
+        except Exception:  # symbolic shape inference fails on some graphs: skip only that
+            quant_pre_process(str(path), str(out), skip_symbolic_shape=True)
+    return out
+
+
+def _quantize_static(
+    path: Path, out: Path, feeds: list[dict[str, np.ndarray]], per_channel: bool
+) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    quantize_static(
+        str(path),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+
+
+def _quantize_dynamic(path: Path, out: Path, per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(path), str(out), per_channel=per_channel, weight_type=QuantType.QInt8)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's tools log every step at INFO and print progress."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+@hookimpl
+def compressor_exporters() -> list[type]:
+    return [ONNXInt8Exporter]
