@@ -34,6 +34,7 @@ from compressor.plugins.onnx_export import (
     time_session,
     verify_onnx,
 )
+from compressor.plugins.onnx_int8 import ONNXInt8Exporter, OrtModule
 
 
 class HFExporter(ONNXExporter):
@@ -43,11 +44,7 @@ class HFExporter(ONNXExporter):
     name = "hf"
 
     def check(self, module: nn.Module, device: torch.device) -> None:
-        if not isinstance(module, HFModule):
-            raise ValueError(
-                f"exporter 'hf' writes Hugging Face folders, and the student is a "
-                f"{type(module).__name__}, not a model loaded with loader: hf"
-            )
+        _require_hf_module(self.name, module)
 
     def export(
         self,
@@ -64,11 +61,8 @@ class HFExporter(ONNXExporter):
                 f"{type(module).__name__}, not a model loaded with loader: hf. Use exporter 'onnx'."
             )
         folder = out_dir / f"{stem}-hf"
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / "model.onnx"
-        module.hf_model.save_pretrained(str(folder), safe_serialization=True)
-        if module.tokenizer is not None:
-            module.tokenizer.save_pretrained(str(folder))
+        _write_hf_files(module, folder)
         details: dict[str, Any] = {
             "folder": str(folder),
             "verified_batches": [batch_size(b[0]) for b in verify_inputs],
@@ -193,10 +187,70 @@ def _quiet() -> Iterator[None]:
                 logger.setLevel(level)
 
 
+class HFInt8Exporter(ONNXInt8Exporter):
+    """A Hugging Face folder whose model.onnx is int8, loaded by optimum like any export and
+    checked by the task metric (encoders and classifiers)."""
+
+    name = "hf_int8"
+
+    def check(self, module: nn.Module, device: torch.device) -> None:
+        _require_hf_module(self.name, module)
+        if isinstance(module, HFModule) and module.task == "causal-lm":
+            raise ValueError(
+                "exporter 'hf_int8' quantizes encoders and classifiers; a causal LM's cached "
+                "decoder is not quantized here yet: use 'hf' (fp32 with a KV cache)"
+            )
+
+    def export(
+        self,
+        graph: fx.GraphModule,
+        example_inputs: tuple[Inputs, ...],
+        verify_inputs: list[tuple[Inputs, ...]],
+        out_dir: Path,
+        stem: str,
+        module: nn.Module | None = None,
+    ) -> ExportResult:
+        assert isinstance(module, HFModule)  # check() refused anything else
+        folder = out_dir / f"{stem}-hf-int8"
+        _write_hf_files(module, folder)
+        result = self.write_int8(graph, example_inputs, verify_inputs, folder / "model.onnx")
+        # optimum must load the folder and give what onnxruntime gives on the same file
+        diff, how = _optimum_check(
+            folder, module.task, graph, verify_inputs, reference=OrtModule(result.path)
+        )
+        if diff is not None and diff > 1e-5:
+            raise ExportError(
+                f"{folder}: optimum's output differs from onnxruntime's by {diff:.3g}"
+            )
+        result.details |= {"folder": str(folder), "optimum": how}
+        return result
+
+
+def _require_hf_module(exporter: str, module: nn.Module) -> None:
+    if not isinstance(module, HFModule):
+        raise ValueError(
+            f"exporter {exporter!r} writes Hugging Face folders, and the student is a "
+            f"{type(module).__name__}, not a model loaded with loader: hf"
+        )
+
+
+def _write_hf_files(module: HFModule, folder: Path) -> None:
+    """config.json, the weights and the tokenizer: what makes a folder a model folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    module.hf_model.save_pretrained(str(folder), safe_serialization=True)
+    if module.tokenizer is not None:
+        module.tokenizer.save_pretrained(str(folder))
+
+
 def _optimum_check(
-    folder: Path, task: str, graph: fx.GraphModule, verify_inputs: list[tuple[Inputs, ...]]
+    folder: Path,
+    task: str,
+    graph: fx.GraphModule,
+    verify_inputs: list[tuple[Inputs, ...]],
+    reference: nn.Module | None = None,
 ) -> tuple[float | None, str]:
-    """Load the folder with optimum's ORTModel class for `task` and compare with PyTorch."""
+    """Load the folder with optimum's ORTModel class for `task` and compare with `reference`
+    (default: the PyTorch graph)."""
     try:
         import optimum.onnxruntime as ort_models
     except ImportError as exc:
@@ -212,7 +266,7 @@ def _optimum_check(
         assert isinstance(x, dict)
         with torch.no_grad():
             got = getattr(model(**x), graph.meta.get(OUTPUT_NAME_META, "logits"))
-            want = call_model(graph, x).float()
+            want = call_model(reference if reference is not None else graph, x).float()
         got = torch.as_tensor(np.asarray(got)).float()
         if got.shape != want.shape:
             raise ExportError(
@@ -224,4 +278,4 @@ def _optimum_check(
 
 @hookimpl
 def compressor_exporters() -> list[type]:
-    return [HFExporter]
+    return [HFExporter, HFInt8Exporter]

@@ -70,8 +70,18 @@ class ONNXInt8Exporter(Exporter[Int8Options]):
         stem: str,
         module: nn.Module | None = None,
     ) -> ExportResult:
+        return self.write_int8(graph, example_inputs, verify_inputs, out_dir / f"{stem}.int8.onnx")
+
+    def write_int8(
+        self,
+        graph: fx.GraphModule,
+        example_inputs: tuple[Inputs, ...],
+        verify_inputs: list[tuple[Inputs, ...]],
+        path: Path,
+    ) -> ExportResult:
+        """Quantize `graph` into `path` and score it against the fp32 graph."""
         o = self.options
-        path = out_dir / f"{stem}.int8.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
         text = isinstance(example_inputs[0], dict)
         mode = o.mode if o.mode != "auto" else ("dynamic" if text else "static")
         details: dict[str, Any] = {"mode": mode}

@@ -165,6 +165,47 @@ def test_encoder_run_exports_a_folder_optimum_loads(tiny, tmp_path, registry):
     assert report["models"]["student"]["latency_ms"]["hf"]["4"] is not None
 
 
+def test_hf_int8_folder_loads_in_optimum_and_is_scored(tiny, tmp_path, registry):
+    text = _encoder_recipe(tiny["bert"], tmp_path / "run").replace(
+        "  - {name: hf}", "  - {name: hf_int8, max_drop: 1.0}"
+    )
+    summary = run(load_recipe(_write(tmp_path, text)), registry, progress=False)
+    (export,) = summary.exports
+    folder = Path(export.details["folder"])
+    assert folder.name == "student-hf-int8" and export.details["mode"] == "dynamic"
+    assert export.details["metric"] == "spearman" and export.drop is not None and export.ok
+    assert "ORTModelForFeatureExtraction" in export.details["optimum"]
+    for file in ("config.json", "model.onnx", "model.safetensors", "tokenizer.json"):
+        assert (folder / file).is_file(), file
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops  # int8 weights in the folder
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+
+    ORTModelForFeatureExtraction.from_pretrained(folder)  # the default file name
+
+
+def test_hf_int8_refuses_a_causal_lm_in_validate(tiny, tmp_path, capsys):
+    from compressor.cli import main
+
+    text = f"""\
+output: {tmp_path / "run"}
+teacher: {{loader: hf, model: {tiny["llama"]}, task: causal-lm}}
+student: {{from_teacher: true}}
+data:
+  loader: text
+  kwargs: {{source: prose, task: language-modeling, max_length: 24, limit: 40}}
+  batch_size: 4
+losses: [{{name: kd}}]
+train: {{steps: 2}}
+export: [{{name: hf_int8}}]
+"""
+    assert main(["validate", str(_write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err
+    assert "(export[0].name)" in err and "a causal LM's cached decoder is not quantized" in err
+
+
 def test_narrow_student_is_fresh_and_feature_losses_project(tiny, tmp_path, registry):
     text = _encoder_recipe(tiny["bert"], tmp_path / "run").replace(
         "layers: [0, 3]}", "layers: [0, 3], hidden_size: 16, num_attention_heads: 4}"

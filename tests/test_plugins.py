@@ -59,7 +59,7 @@ def test_builtins_load_through_entry_points(registry):
         "ofa",
     ]
     assert registry.names("module_pass") == ["student_layers"]
-    assert registry.names("exporter") == ["hf", "onnx", "onnx_int8"]
+    assert registry.names("exporter") == ["hf", "hf_int8", "onnx", "onnx_int8"]
     assert registry.names("graph_pass") == [
         "mae_mask",
         "ofa_branches",
