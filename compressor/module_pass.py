@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from compressor.components import Component, OptionsT
+from compressor.loading import DataBundle
 
 
 @dataclass
 class ModulePassContext:
+    """What a module pass may draw on: the role it rewrites, the teacher, the recipe's data
+    (calibration batches of `batch_size`), and `notes` for what it chose (shown by validate
+    and in the report)."""
+
     role: str
     teacher: nn.Module | None
+    data: DataBundle | None = None
+    batch_size: int = 32
+    notes: list[str] = field(default_factory=list)
 
 
 class ModulePass(Component[OptionsT]):

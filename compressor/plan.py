@@ -207,7 +207,8 @@ def build_plan(recipe: Recipe, registry: Registry, student: nn.Module | None = N
     _report(recipe, registry.pm.hook.compressor_validate_recipe(recipe=recipe))
     device = select_device(recipe)
     data = load_data(recipe, components.data_loader)
-    teacher, student = load_models(recipe, components, student, device)
+    module_notes: list[str] = []
+    teacher, student = load_models(recipe, components, student, device, data, module_notes)
     _report(
         recipe,
         registry.pm.hook.compressor_validate_models(
@@ -242,7 +243,8 @@ def build_plan(recipe: Recipe, registry: Registry, student: nn.Module | None = N
         evaluator=evaluator,
         hooks=registry.pm.hook,
         input_specs=graph_input_specs([graphs["student"], graphs.get("teacher")]),
-        notes=[
+        notes=module_notes
+        + [
             f"{role}: {note}"
             for role in ROLES
             if role in graphs
@@ -398,7 +400,12 @@ def load_data(recipe: Recipe, loader: DataLoader[Any]) -> DataBundle:
 
 
 def load_models(
-    recipe: Recipe, components: Components, student: nn.Module | None, device: torch.device
+    recipe: Recipe,
+    components: Components,
+    student: nn.Module | None,
+    device: torch.device,
+    data: DataBundle | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[nn.Module | None, nn.Module]:
     """(teacher or None when no loss reads it, student): loaded, module-passed, and put in
     their forms: the student training, the teacher frozen in eval form."""
@@ -428,13 +435,15 @@ def load_models(
             torch.manual_seed(recipe.seed + 1)
             student = components.model_loaders["student"].load(recipe, ("student",))
         for i, target, module_pass in components.module_passes:
-            context = ModulePassContext(role=target, teacher=teacher)
+            context = ModulePassContext(target, teacher, data, recipe.data.batch_size)
             try:
                 if target == "student" and student is not None:
                     student = module_pass(student, context)
                 elif teacher is not None:
                     teacher = module_pass(teacher, context)
                 # a pass with target "teacher" and no teacher loaded has nothing to rewrite
+                if notes is not None:
+                    notes += [f"{target}: {note}" for note in context.notes]
             except ValueError as exc:
                 raise RecipeError(recipe.locate(("module_passes", i)), str(exc)) from None
     assert student is not None

@@ -1,36 +1,63 @@
 """`student_layers`: a smaller student of the teacher's own family (DistilBERT style).
 
 The student starts as a copy of the teacher (`student: {from_teacher: true}`); this module
-pass keeps the chosen transformer blocks (`layers: [0, 2, 4]`, or `keep_every: 2`), so the
-student inherits the teacher's embeddings, head, tokenizer and those blocks' weights. With
-`hidden_size` the student is narrower instead: same family and depth rule, fresh weights
-(feature losses then learn projections, which stay out of the export).
+pass keeps the chosen transformer blocks (`layers: [0, 2, 4]`, `keep_every: 2`, or `keep: N`
+chosen on the recipe's data), so the student inherits the teacher's embeddings, head,
+tokenizer and those blocks' weights. With `hidden_size` the student is narrower instead:
+same family and depth rule, fresh weights (feature losses then learn projections, which
+stay out of the export).
+
+`keep: N` ranks the blocks on calibration batches of the training data and keeps the N
+that matter most, in their order:
+
+- `select: auto` (= `kl_drop`): how far the model's output moves when the block alone is
+  skipped: KL(full || without the block) per token for a causal LM or over classes for a
+  classifier, 1 - cosine of the mean-pooled sentence embeddings for an encoder;
+- `select: block_influence` (ShortGPT): 1 - cosine between a block's input and output
+  hidden states, from one forward pass.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any, Literal
 
+import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from compressor.hookspecs import hookimpl
 from compressor.module_pass import ModulePass, ModulePassContext
-from compressor.plugins.hf import HFModule, decoder_layers
+from compressor.plugins.hf import HFModule, decoder_layers, mean_pool
 
 
 class StudentLayersOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layers: list[int] | None = Field(None, description="teacher block indices to keep, in order")
     keep_every: int | None = Field(None, gt=0, description="keep blocks 0, k, 2k, ...")
+    keep: int | None = Field(None, gt=0, description="keep the N blocks that matter most")
+    select: Literal["auto", "kl_drop", "block_influence"] = Field(
+        "auto", description="with keep: how blocks are ranked (auto = kl_drop)"
+    )
+    calibration_batches: int = Field(4, gt=0, description="with keep: training batches used")
     hidden_size: int | None = Field(None, gt=0, description="narrower student, fresh weights")
     intermediate_size: int | None = Field(None, gt=0)
     num_attention_heads: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_rule(self) -> StudentLayersOptions:
-        if (self.layers is None) == (self.keep_every is None):
-            raise ValueError("give exactly one of layers: [i, j, ...] or keep_every: k")
+        rules = [self.layers is not None, self.keep_every is not None, self.keep is not None]
+        if sum(rules) != 1:
+            raise ValueError(
+                "give exactly one of layers: [i, j, ...], keep_every: k or keep: N (chosen on "
+                "the data)"
+            )
+        if self.keep is not None and self.hidden_size is not None:
+            raise ValueError(
+                "keep: N chooses teacher blocks to copy, and a narrow student (hidden_size) has "
+                "fresh weights: give its depth with keep_every or layers"
+            )
         return self
 
 
@@ -47,7 +74,12 @@ class StudentLayers(ModulePass[StudentLayersOptions]):
         o = self.options
         path, blocks = decoder_layers(module.hf_model)
         depth = len(blocks)
-        keep = o.layers if o.layers is not None else list(range(0, depth, o.keep_every or 1))
+        if o.keep is not None:
+            keep = self._choose(module, blocks, context)
+        elif o.layers is not None:
+            keep = o.layers
+        else:
+            keep = list(range(0, depth, o.keep_every or 1))
         bad = [i for i in keep if not 0 <= i < depth]
         if bad or not keep:
             raise ValueError(
@@ -69,6 +101,129 @@ class StudentLayers(ModulePass[StudentLayersOptions]):
         if getattr(config, "layer_types", None):
             config.layer_types = [config.layer_types[i] for i in keep]
         return module
+
+    def _choose(
+        self, module: HFModule, blocks: nn.ModuleList, context: ModulePassContext
+    ) -> list[int]:
+        o = self.options
+        assert o.keep is not None
+        if o.keep > len(blocks):
+            raise ValueError(
+                f"student_layers: keep {o.keep} of a teacher with {len(blocks)} blocks"
+            )
+        if context.data is None or len(context.data.train) == 0:
+            raise ValueError(
+                "student_layers: keep: N ranks blocks on the training data; there is none"
+            )
+        size = min(context.batch_size, len(context.data.train))
+        batches = []
+        for b in range(o.calibration_batches):
+            indices = range(b * size, min((b + 1) * size, len(context.data.train)))
+            if len(indices) == 0:
+                break
+            x, _ = context.data.batch("train", indices, torch.device("cpu"))
+            if not isinstance(x, dict):
+                raise ValueError(
+                    "student_layers: keep: N needs text inputs (input_ids, attention_mask)"
+                )
+            batches.append(x)
+        how = "kl_drop" if o.select == "auto" else o.select
+        scores = rank_blocks(module, blocks, batches, how)
+        keep = sorted(sorted(range(len(blocks)), key=lambda i: -scores[i])[: o.keep])
+        ranking = ", ".join(
+            f"{i}: {scores[i]:.4g}" for i in sorted(range(len(blocks)), key=lambda i: -scores[i])
+        )
+        context.notes.append(
+            f"student_layers kept blocks {keep} of {len(blocks)} by {how} on "
+            f"{len(batches)} batches of {size}; most important first: {ranking}"
+        )
+        return keep
+
+
+def rank_blocks(
+    module: HFModule, blocks: nn.ModuleList, batches: list[dict[str, torch.Tensor]], how: str
+) -> list[float]:
+    """The importance of every block (higher matters more), on `batches`."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            if how == "block_influence":
+                return _block_influence(module, blocks, batches)
+            full = [module(**x) for x in batches]
+            scores = []
+            for block in blocks:
+                handle = block.register_forward_hook(_skipped, with_kwargs=True)
+                try:
+                    moved = [
+                        _moved(module.task, a, module(**x), x)
+                        for a, x in zip(full, batches, strict=True)
+                    ]
+                finally:
+                    handle.remove()
+                scores.append(sum(moved) / len(moved))
+            return scores
+    finally:
+        module.train(was_training)
+
+
+def _hidden_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden_out(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _skipped(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    """A forward hook that makes a block the identity: its input goes on in place of its
+    output (the rest of a tuple output, attention maps or caches, is kept)."""
+    hidden = _hidden_in(args, kwargs)
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _moved(
+    task: str, full: torch.Tensor, without: torch.Tensor, x: dict[str, torch.Tensor]
+) -> float:
+    """How far the output moved when a block was skipped."""
+    mask = x["attention_mask"].bool()
+    if task == "feature-extraction":  # what sentence-embedding users consume
+        a, b = mean_pool(full, x["attention_mask"]), mean_pool(without, x["attention_mask"])
+        return float((1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean())
+    p = F.log_softmax(full.float(), dim=-1)
+    q = F.log_softmax(without.float(), dim=-1)
+    kl = F.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # KL(full || without)
+    return float(kl[mask].mean()) if kl.dim() == 2 else float(kl.mean())
+
+
+def _block_influence(
+    module: HFModule, blocks: nn.ModuleList, batches: list[dict[str, torch.Tensor]]
+) -> list[float]:
+    sums = [0.0] * len(blocks)
+    counts = [0] * len(blocks)
+    mask: list[torch.Tensor] = []
+
+    def recorder(i: int) -> Any:
+        def hook(
+            block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
+            cos = F.cosine_similarity(
+                _hidden_in(args, kwargs).float(), _hidden_out(output).float(), dim=-1
+            )
+            sums[i] += float((1.0 - cos)[mask[0]].sum())
+            counts[i] += int(mask[0].sum())
+
+        return hook
+
+    handles = [b.register_forward_hook(recorder(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        for x in batches:
+            mask[:] = [x["attention_mask"].bool()]
+            module(**x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [s / max(c, 1) for s, c in zip(sums, counts, strict=True)]
 
 
 def _narrow(module: HFModule, depth: int, o: StudentLayersOptions) -> HFModule:

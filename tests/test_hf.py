@@ -206,6 +206,57 @@ export: [{{name: hf_int8}}]
     assert "(export[0].name)" in err and "a causal LM's cached decoder is not quantized" in err
 
 
+def _with_identity_block(source: Path, root: Path, block: int) -> Path:
+    """A copy of a tiny Llama whose block `block` adds nothing to the residual stream (its
+    attention and MLP output projections are zero): skipping it changes nothing."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        layer = model.model.layers[block]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    return _folder(root, f"llama-identity-{block}", model)
+
+
+@pytest.mark.parametrize("select", ["auto", "block_influence"])
+def test_keep_n_drops_the_block_that_does_nothing(tiny, tmp_path, registry, select):
+    teacher = _with_identity_block(tiny["llama"], tmp_path, 2)
+    text = f"""\
+output: {tmp_path / "run"}
+teacher: {{loader: hf, model: {teacher}, task: causal-lm}}
+student: {{from_teacher: true}}
+module_passes:
+  - {{name: student_layers, keep: 3, select: {select}, calibration_batches: 2}}
+data:
+  loader: text
+  kwargs: {{source: prose, task: language-modeling, max_length: 24, limit: 60}}
+  batch_size: 4
+losses: [{{name: kd}}]
+train: {{steps: 2}}
+"""
+    plan = build_plan(load_recipe(_write(tmp_path, text)), registry)
+    assert plan.student.config.num_hidden_layers == 3
+    (note,) = [n for n in plan.notes if "student_layers" in n]
+    how = "kl_drop" if select == "auto" else select
+    assert f"student: student_layers kept blocks [0, 1, 3] of 4 by {how} on 2 batches of 4" in note
+    last, score = note.rsplit(", ", 1)[1].split(": ")
+    assert last == "2" and float(score) < 1e-6  # ranked last, with nothing lost
+    # the kept blocks are the teacher's own, in order
+    kept = [layer.mlp.down_proj.weight for layer in plan.student.hf_model.model.layers]
+    original = transformers.AutoModelForCausalLM.from_pretrained(teacher).model.layers
+    for got, index in zip(kept, [0, 1, 3], strict=True):
+        assert torch.equal(got, original[index].mlp.down_proj.weight)
+
+
+def test_keep_n_ranks_encoder_blocks_by_embedding_change(tiny, tmp_path, registry):
+    text = _encoder_recipe(tiny["bert"], tmp_path / "run").replace(
+        "{name: student_layers, layers: [0, 3]}", "{name: student_layers, keep: 2}"
+    )
+    plan = build_plan(load_recipe(_write(tmp_path, text)), registry)
+    (note,) = [n for n in plan.notes if "student_layers" in n]
+    assert "kept blocks" in note and "by kl_drop" in note
+    assert plan.student.config.num_hidden_layers == 2
+
+
 def test_narrow_student_is_fresh_and_feature_losses_project(tiny, tmp_path, registry):
     text = _encoder_recipe(tiny["bert"], tmp_path / "run").replace(
         "layers: [0, 3]}", "layers: [0, 3], hidden_size: 16, num_attention_heads: 4}"
