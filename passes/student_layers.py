@@ -62,7 +62,7 @@ class StudentLayersOptions(BaseModel):
 
 
 class StudentLayers(ModulePass[StudentLayersOptions]):
-    """Keep chosen transformer blocks of a Hugging Face model (BERT, GPT-2, Llama family)."""
+    """Keep chosen transformer blocks of a Hugging Face model (any family with a block list)."""
 
     name = "student_layers"
 
@@ -93,10 +93,9 @@ class StudentLayers(ModulePass[StudentLayersOptions]):
         parent = module.get_submodule(parent_path) if parent_path else module
         setattr(parent, attr, nn.ModuleList([blocks[i] for i in keep]))
         for new_index, block in enumerate(getattr(parent, attr)):
-            for name in ("self_attn", "attn"):  # Llama family, GPT-2
-                attention = getattr(block, name, None)
-                if attention is not None and hasattr(attention, "layer_idx"):
-                    attention.layer_idx = new_index  # KV-cache slot of this block
+            for part in block.modules():  # attention of any family: its KV-cache slot
+                if isinstance(getattr(part, "layer_idx", None), int):
+                    part.layer_idx = new_index
         config.num_hidden_layers = len(keep)
         if getattr(config, "layer_types", None):
             config.layer_types = [config.layer_types[i] for i in keep]

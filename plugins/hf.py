@@ -63,20 +63,25 @@ class HFModule(nn.Module):
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer block list of a BERT-, GPT-2- or Llama-family model, and its path."""
-    for path in ("encoder.layer", "model.layers", "transformer.h", "layers"):
-        for prefix in ("", "bert.", "roberta.", "model."):
-            try:
-                found = model.get_submodule(prefix + path)
-            except AttributeError:
-                continue
-            if isinstance(found, nn.ModuleList):
-                return prefix + path, found
-    raise ValueError(
-        f"{type(model).__name__} has no transformer block list "
-        "(looked for encoder.layer, model.layers and transformer.h); supported: BERT, GPT-2 "
-        "and Llama families (Qwen2, Mistral, ...)"
-    )
+    """The transformer block list of a Hugging Face model, and its path: found by structure,
+    as the list of same-class blocks that holds the most parameters (`encoder.layer` in BERT,
+    `transformer.layer` in DistilBERT, `transformer.h` in GPT-2, `model.layers` in Llama and
+    Qwen2, `gpt_neox.layers`, `model.decoder.layers` in OPT, ...)."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, path, module)
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__} has no list of transformer blocks (an nn.ModuleList of "
+            "blocks of one class), so student_layers cannot choose among them"
+        )
+    return best[1], best[2]
 
 
 def package_folder(package: str, path: str) -> Path:

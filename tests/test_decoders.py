@@ -27,6 +27,8 @@ BLOCKS = {
     "gpt2": ("transformer.h.{}", "transformer.h.{}.attn:softmax"),
     "llama": ("model.layers.{}", "model.layers.{}.self_attn:softmax"),
     "qwen2": ("model.layers.{}", "model.layers.{}.self_attn:softmax"),
+    # a family the code names nowhere: found by structure, renumbered by its layer_idx
+    "gpt_neox": ("gpt_neox.layers.{}", "gpt_neox.layers.{}.attention:softmax"),
 }
 
 
@@ -62,6 +64,11 @@ def decoders(tmp_path_factory) -> dict[str, Path]:
             transformers.Qwen2ForCausalLM(
                 transformers.Qwen2Config(**sizes, **llama_like, num_key_value_heads=2)
             ),
+        ),
+        "gpt_neox": _save(
+            root,
+            "gpt_neox",
+            transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**sizes, **llama_like)),
         ),
     }
 

@@ -257,6 +257,26 @@ def test_keep_n_ranks_encoder_blocks_by_embedding_change(tiny, tmp_path, registr
     assert plan.student.config.num_hidden_layers == 2
 
 
+def test_a_distilbert_encoder_distils_and_exports(tmp_path, registry):
+    config = transformers.DistilBertConfig(
+        vocab_size=30522, dim=32, n_layers=4, n_heads=4, hidden_dim=64, max_position_embeddings=128
+    )
+    torch.manual_seed(0)
+    folder = _folder(tmp_path, "distilbert", transformers.DistilBertModel(config))
+    text = (
+        _encoder_recipe(folder, tmp_path / "run")
+        .replace(
+            "encoder.layer.{}.attention.self:softmax", "transformer.layer.{}.attention:softmax"
+        )
+        .replace("encoder.layer.{}", "transformer.layer.{}")
+    )
+    summary = run(load_recipe(_write(tmp_path, text)), registry, progress=False)
+    (export,) = summary.exports
+    assert export.ok and "ORTModelForFeatureExtraction" in export.details["optimum"]
+    config_out = json.loads((Path(export.details["folder"]) / "config.json").read_text())
+    assert config_out["n_layers"] == 2
+
+
 def test_narrow_student_is_fresh_and_feature_losses_project(tiny, tmp_path, registry):
     text = _encoder_recipe(tiny["bert"], tmp_path / "run").replace(
         "layers: [0, 3]}", "layers: [0, 3], hidden_size: 16, num_attention_heads: 4}"
