@@ -57,6 +57,11 @@ def run_dir_of(target: Path, registry: Registry) -> tuple[Path, Path, list[str]]
         if not report_path.is_file():
             raise CompressorError(f"{run_dir} holds no finished run (no report.json)")
         recipe = Path(json.loads(report_path.read_text())["recipe"])
+        if not recipe.is_file():
+            raise CompressorError(
+                f"{run_dir} was run from the recipe {recipe}, which is not found from here: run "
+                "compress bench from the folder the run started in, or give the recipe"
+            )
         copy = (run_dir / "recipe.yaml").read_text()
         overrides = re.findall(r"^#   (.+)$", copy.split("# command-line overrides:")[-1], re.M)
         if "# command-line overrides:" not in copy:

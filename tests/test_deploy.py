@@ -110,3 +110,7 @@ def test_bench_times_every_artifact_in_interleaved_rounds(int8_run, capsys):
 def test_bench_names_what_is_wrong(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 1
     assert "holds no finished run (no report.json)" in capsys.readouterr().err
+    (tmp_path / "report.json").write_text(json.dumps({"recipe": str(tmp_path / "gone.yaml")}))
+    (tmp_path / "recipe.yaml").write_text("name: x\n")
+    assert main(["bench", str(tmp_path)]) == 1
+    assert "gone.yaml, which is not found from here" in capsys.readouterr().err
