@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from safetensors.torch import load_model
 from compressor.errors import CompressorError
 from compressor.loading import Inputs, call_model, to_device
 from compressor.measure import latency_inputs
+from compressor.pipeline import recorded_overrides
 from compressor.plan import DistillPlan, plan_stages
 from compressor.recipe import load_recipe
 from compressor.registry import Registry
@@ -51,34 +51,26 @@ class Candidate:
 
 def run_dir_of(target: Path, registry: Registry) -> tuple[Path, Path, list[str]]:
     """(run folder, the recipe it ran, its overrides) from a run folder or a recipe."""
-    if target.is_dir():
-        run_dir = target
-        report_path = run_dir / "report.json"
-        if not report_path.is_file():
-            raise CompressorError(f"{run_dir} holds no finished run (no report.json)")
-        recipe = Path(json.loads(report_path.read_text())["recipe"])
-        if not recipe.is_file():
-            raise CompressorError(
-                f"{run_dir} was run from the recipe {recipe}, which is not found from here: run "
-                "compress bench from the folder the run started in, or give the recipe"
-            )
-        copy = (run_dir / "recipe.yaml").read_text()
-        overrides = re.findall(r"^#   (.+)$", copy.split("# command-line overrides:")[-1], re.M)
-        if "# command-line overrides:" not in copy:
-            overrides = []
-        return run_dir, recipe, overrides
-    loaded = load_recipe(target, (), registry)
-    return loaded.run_dir(), target, []
+    run_dir = target if target.is_dir() else load_recipe(target, (), registry).run_dir()
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise CompressorError(f"{run_dir} holds no finished run (no report.json)")
+    recipe = target if target.is_file() else Path(json.loads(report_path.read_text())["recipe"])
+    if not recipe.is_file():
+        raise CompressorError(
+            f"{run_dir} was run from the recipe {recipe}, which is not found from here: run "
+            "compress bench from the folder the run started in, or give the recipe"
+        )
+    return run_dir, recipe, recorded_overrides(run_dir)
 
 
-def candidates(
-    plan: DistillPlan, run_dir: Path, report: dict[str, Any]
-) -> tuple[list[Candidate], list[str]]:
+def candidates(plan: DistillPlan, report: dict[str, Any]) -> tuple[list[Candidate], list[str]]:
     """Every (model, artifact, backend) that can run here, and why the others cannot."""
     out: list[Candidate] = []
     skipped: list[str] = []
     graphs = {"teacher": plan.teacher_eval_graph, "student": plan.student_eval_graph}
     device = plan.device
+    available = _providers()
     for role in ("teacher", "student"):
         graph = graphs[role]
         if graph is None or role not in report["models"]:
@@ -94,7 +86,7 @@ def candidates(
                 ("onnxruntime-cpu", "CPUExecutionProvider"),
                 ("onnxruntime-cuda", "CUDAExecutionProvider"),
             ):
-                if provider in _providers():
+                if provider in available:
                     out.append(Candidate(role, label, backend, _ort_runner(path, provider)))
                 else:
                     skipped.append(
@@ -130,13 +122,9 @@ def _torch_runner(
 
 def _ort_runner(path: Path, provider: str) -> Callable[[], Callable[[Inputs], Any]]:
     def load() -> Callable[[Inputs], Any]:
-        import onnxruntime as ort
+        from compressor.plugins.onnx_export import ort_feeds, ort_session
 
-        from compressor.plugins.onnx_export import ort_feeds
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=[provider])
+        session = ort_session(path, [provider])
         names = [i.name for i in session.get_inputs()]
         return lambda x: session.run(None, ort_feeds(names, (x,)))
 
@@ -169,17 +157,26 @@ def measure_all(
         for c in found:
             assert c.runner is not None
             for b, x in batches.items():
-                times = c.times.setdefault(b, [])
-                round_began = time.perf_counter()
-                calls = 0
-                while (iterations is not None and calls < iterations) or (
-                    iterations is None
-                    and (calls < 3 or time.perf_counter() - round_began < duration)
-                ):
-                    t0 = time.perf_counter()
-                    c.runner(x)
-                    times.append(time.perf_counter() - t0)
-                    calls += 1
+                c.times.setdefault(b, []).extend(_time_calls(c.runner, x, iterations, duration))
+
+
+def _time_calls(
+    run: Callable[[Inputs], Any], x: Inputs, iterations: int | None, duration: float
+) -> list[float]:
+    """Seconds per call: `iterations` calls, or as many as fit in `duration` (at least 3)."""
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < (iterations or 3) or (
+        iterations is None and time.perf_counter() - began < duration
+    ):
+        t0 = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _percentile_ms(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
 
 
 def summary(found: list[Candidate]) -> list[dict[str, Any]]:
@@ -187,10 +184,6 @@ def summary(found: list[Candidate]) -> list[dict[str, Any]]:
     for c in found:
         for b, times in c.times.items():
             ordered = sorted(times)
-
-            def pct(q: float, ordered: list[float] = ordered) -> float:
-                return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
-
             mean = statistics.fmean(times)
             rows.append(
                 {
@@ -200,8 +193,8 @@ def summary(found: list[Candidate]) -> list[dict[str, Any]]:
                     "batch": b,
                     "calls": len(times),
                     "p50_ms": statistics.median(times) * 1e3,
-                    "p90_ms": pct(0.90),
-                    "p99_ms": pct(0.99),
+                    "p90_ms": _percentile_ms(ordered, 0.90),
+                    "p99_ms": _percentile_ms(ordered, 0.99),
                     "mean_ms": mean * 1e3,
                     "samples_per_s": b / mean,
                     "build_s": c.build_seconds,
@@ -269,7 +262,7 @@ def bench(
     recipe = load_recipe(recipe_path, overrides, registry)
     plan = plan_stages(recipe, registry)[-1][1]
     load_model(plan.student, str(run_dir / "student.safetensors"))
-    found, skipped = candidates(plan, run_dir, report)
+    found, skipped = candidates(plan, report)
     if backends:
         unknown = sorted(set(backends) - {c.backend for c in found} - set(BACKENDS))
         if unknown:

@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.fx.passes.shape_prop import ShapeProp
 
-from compressor.errors import CaptureError
+from compressor.errors import CaptureError, first_line
 from compressor.graph_pass import delete_unused_submodules, output_node
 from compressor.loading import user_frame
 
@@ -51,7 +51,7 @@ def capture_module(
 def _cause(exc: BaseException) -> str:
     """The first line of a capture error and the model source line that raised it."""
     lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    text = first_line(exc)
     for i, line in enumerate(lines):  # torch.export names the call: File "...", line N
         found = re.match(r'\s*File "(.+)", line (\d+), in (\S+)', line)
         if found and any("raised this error" in earlier for earlier in lines[max(0, i - 2) : i]):

@@ -7,7 +7,6 @@ pieces such as projections) and state.pt (optimizer, schedule, RNG, step), read 
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from dataclasses import dataclass
@@ -38,9 +37,8 @@ def save_checkpoint(
     try:
         save_model(student, str(tmp / "student.safetensors"))
         save_model(losses, str(tmp / "losses.safetensors"))
-        buffer = io.BytesIO()  # written by Python, so a failing write says why (OSError)
-        torch.save({"step": step, **state}, buffer)
-        (tmp / "state.pt").write_bytes(buffer.getvalue())
+        with open(tmp / "state.pt", "wb") as f:  # a Python file: a failing write is an OSError
+            torch.save({"step": step, **state}, f)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
         raise

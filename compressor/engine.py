@@ -28,7 +28,6 @@ from compressor.plan import DistillPlan
 from compressor.recipe import DivergenceGuard
 
 METRICS = "metrics.jsonl"
-UNMEASURED = torch.tensor(0.0)  # the gradient norm of a step that is not read back
 
 
 @dataclass
@@ -120,6 +119,7 @@ def train(
         bar.show_terms({"loss": total, **terms})
         pending.clear()
 
+    unmeasured = torch.zeros((), device=device)  # the gradient norm of a step not read back
     began = time.perf_counter()
     for step in range(start, cfg.steps):
         indices = batch_indices(step, n_train, recipe.data.batch_size, recipe.seed)
@@ -146,12 +146,12 @@ def train(
             grads = [p.grad for p in params if p.grad is not None]
             grad_norm = nn.utils.get_total_norm(grads, foreach=True)
         else:
-            grad_norm = UNMEASURED
+            grad_norm = unmeasured
         optimizer.step()
         scheduler.step()
 
         # [terms..., grad norm], read back later
-        values = torch.stack([*(t.detach().float() for t in terms), grad_norm.to(device).float()])
+        values = torch.stack([*(t.detach().float() for t in terms), grad_norm.float()])
         pending.append((done, values, float(scheduler.get_last_lr()[0])))
         if read_now:
             read_back()

@@ -81,8 +81,13 @@ class RunFailed(CompressorError):
     def __init__(self, phase: str, cause: BaseException):
         self.phase = phase
         self.cause = cause
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        super().__init__(f"{phase} failed: {type(cause).__name__}: {first}")
+        super().__init__(f"{phase} failed: {first_line(cause)}")
+
+
+def first_line(exc: BaseException) -> str:
+    """`Type: the message's first line`: how one-line errors name the exception behind them."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 class RecipeErrors(CompressorError):

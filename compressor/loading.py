@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import TensorDataset, default_collate
 
 from compressor.components import Component, OptionsT
-from compressor.errors import RecipeError
+from compressor.errors import RecipeError, first_line
 from compressor.recipe import DataSpec, Recipe, did_you_mean
 from compressor.yaml_positions import KeyPath
 
@@ -162,8 +162,7 @@ def user_code_error(where: Any, doing: str, exc: BaseException, folder: Path) ->
     then the exception."""
     frame = user_frame(exc, folder)
     at = f"\n  at {frame}" if frame else ""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return RecipeError(where, f"{doing} raised {type(exc).__name__}: {first}{at}")
+    return RecipeError(where, f"{doing} raised {first_line(exc)}{at}")
 
 
 def user_frame(exc: BaseException, folder: Path | None = None) -> str | None:

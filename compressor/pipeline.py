@@ -183,10 +183,19 @@ def _log_failure(run_dir: Path, cause: BaseException) -> str:
     return f"full traceback: {log}"
 
 
+OVERRIDES_HEADER = "\n# command-line overrides:\n"
+
+
 def _write_recipe_copy(
     recipe: Recipe, run_dir: Path, overrides: tuple[str, ...] | list[str]
 ) -> None:
     text = recipe.path.read_text()
     if overrides:
-        text += "\n# command-line overrides:\n" + "".join(f"#   {o}\n" for o in overrides)
+        text += OVERRIDES_HEADER + "".join(f"#   {o}\n" for o in overrides)
     (run_dir / "recipe.yaml").write_text(text)
+
+
+def recorded_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides a run was started with, from its recipe copy."""
+    _, header, listed = (run_dir / "recipe.yaml").read_text().partition(OVERRIDES_HEADER)
+    return [line.removeprefix("#   ") for line in listed.splitlines()] if header else []

@@ -21,7 +21,14 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
 
-from compressor.errors import CaptureError, CompressorError, Problem, RecipeError, RecipeErrors
+from compressor.errors import (
+    CaptureError,
+    CompressorError,
+    Problem,
+    RecipeError,
+    RecipeErrors,
+    first_line,
+)
 from compressor.evaluate import EvalContext, Evaluator
 from compressor.export import ExportContext, Exporter
 from compressor.graph_pass import (
@@ -709,8 +716,6 @@ def _located(plan: DistillPlan, on: str) -> Iterator[None]:
         raise
     except Exception as exc:
         failed = plan.part
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise RecipeError(
-            plan.recipe.locate(failed.path),
-            f"{failed.name} fails on {on}: {type(exc).__name__}: {first}",
+            plan.recipe.locate(failed.path), f"{failed.name} fails on {on}: {first_line(exc)}"
         ) from exc

@@ -36,12 +36,17 @@ class _TokenScores(Evaluator[NoOptions]):
 
     next_token = False
     primary = "accuracy"
-    label_counts: torch.Tensor | None = None  # of the scored labels, from the last evaluation
+    label_counts: torch.Tensor | None = None  # of the scored eval labels (the same every time)
     classes = 0
+
+    def setup(self, context: EvalContext) -> None:
+        super().setup(context)
+        self.label_counts = None
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         c = self.context
         correct, loss_sum, count = 0, 0.0, 0
+        counting = self.label_counts is None  # the eval labels are counted once
         counts = torch.zeros(0, dtype=torch.long)
         for start in _batches(c):
             x, y = c.data.batch("eval", _indices(c, start), c.device)
@@ -52,10 +57,12 @@ class _TokenScores(Evaluator[NoOptions]):
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE))
             correct += int(((logits.argmax(-1) == y) & scored).sum())
             count += int(scored.sum())
-            self.classes = logits.shape[-1]
-            seen = torch.bincount(y[scored].cpu(), minlength=self.classes)
-            counts = seen if counts.numel() == 0 else counts + seen
-        self.label_counts = counts
+            if counting:
+                self.classes = logits.shape[-1]
+                seen = torch.bincount(y[scored].cpu(), minlength=self.classes)
+                counts = seen if counts.numel() == 0 else counts + seen
+        if counting:
+            self.label_counts = counts
         return self.metrics(loss_sum / max(count, 1), correct / max(count, 1))
 
     def metrics(self, loss: float, accuracy: float) -> dict[str, float]:

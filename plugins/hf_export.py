@@ -10,10 +10,6 @@ twice: in onnxruntime directly, and through optimum's ORTModel class for the tas
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +27,7 @@ from compressor.plugins.onnx_export import (
     ONNXExporter,
     export_onnx,
     ort_session,
+    quiet,
     time_session,
     verify_onnx,
 )
@@ -94,7 +91,7 @@ class HFExporter(ONNXExporter):
         from optimum.exporters.onnx import main_export
         from optimum.onnxruntime import ORTModelForCausalLM
 
-        with _quiet():
+        with _quiet_optimum():
             main_export(
                 str(folder),
                 output=str(folder),
@@ -145,7 +142,7 @@ def _cached_generation_diff(model: Any, graph: fx.GraphModule, prompt: Inputs) -
     x = {k: v[:1].cpu() for k, v in prompt.items()}
     length = int(x["attention_mask"].sum())
     x = {k: v[:, :length] for k, v in x.items()}
-    with _quiet(), torch.no_grad():
+    with _quiet_optimum(), torch.no_grad():
         out = model.generate(
             **x,
             max_new_tokens=4,
@@ -166,25 +163,9 @@ def _cached_generation_diff(model: Any, graph: fx.GraphModule, prompt: Inputs) -
     return max(diffs)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """optimum and the TorchScript exporter it uses print and warn a lot; the result is
-    checked here instead."""
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(io.StringIO()),
-        contextlib.redirect_stderr(io.StringIO()),
-    ):
-        warnings.simplefilter("ignore")
-        loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx")]
-        levels = [logger.level for logger in loggers]
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
+def _quiet_optimum() -> contextlib.AbstractContextManager[None]:
+    """optimum and the TorchScript exporter it uses print and warn a lot."""
+    return quiet("optimum", "transformers", "torch.onnx", stderr=True)
 
 
 class HFInt8Exporter(ONNXInt8Exporter):
@@ -256,7 +237,7 @@ def _optimum_check(
     except ImportError as exc:
         return None, f"not checked: optimum.onnxruntime is not installed ({exc})"
     cls_name = TASKS[task][2]
-    with _quiet():
+    with _quiet_optimum():
         model = getattr(ort_models, cls_name).from_pretrained(
             str(folder), file_name="model.onnx", local_files_only=True
         )

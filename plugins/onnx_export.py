@@ -95,12 +95,8 @@ def export_onnx(
         dynamic = {
             k: {0: batch, 1: Dim.AUTO} if v.dim() >= 2 else {0: batch} for k, v in kwargs.items()
         }
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(io.StringIO()),
-        _quiet_torch_onnx(),
-    ):
-        warnings.simplefilter("ignore")
+    # the exporter logs a warning per optional torchvision op it cannot find
+    with quiet("torch.onnx"):
         torch.onnx.export(
             graph,
             args,
@@ -161,26 +157,34 @@ def ort_feeds(names: list[str], inputs: tuple[Inputs, ...]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _quiet_torch_onnx() -> Iterator[None]:
-    """The exporter logs a warning per optional torchvision op it cannot find; not our concern."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+def quiet(*loggers: str, stderr: bool = False) -> Iterator[None]:
+    """Export and quantization tools print, warn and log a lot; what they produce is checked
+    instead. While inside: warnings off, stdout (with `stderr`, stderr too) swallowed, the
+    named loggers ("" is the root) at ERROR."""
+    named = [logging.getLogger(name or None) for name in loggers]
+    levels = [logger.level for logger in named]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in named:
+            logger.setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) if stderr else contextlib.nullcontext():
+                yield
+        finally:
+            for logger, level in zip(named, levels, strict=True):
+                logger.setLevel(level)
 
 
-def ort_session(path: Path) -> Any:
+def ort_session(path: Path, providers: list[str] | None = None) -> Any:
+    """An onnxruntime session on `providers`; by default CUDA when onnxruntime-gpu has it,
+    else CPU, never TensorRT's provider, which would build an engine on every session."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # CUDA when onnxruntime-gpu has it, else CPU; never TensorRT's provider, which would
-    # build an engine on every session.
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    providers = [p for p in wanted if p in ort.get_available_providers()]
+    if providers is None:
+        wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+        providers = [p for p in wanted if p in ort.get_available_providers()]
     return ort.InferenceSession(str(path), options, providers=providers)
 
 

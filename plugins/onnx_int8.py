@@ -16,11 +16,7 @@ within `max_drop` (in the primary metric's units: accuracy, Spearman, loss).
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +33,7 @@ from compressor.plugins.onnx_export import (
     ort_feeds,
     ort_latency,
     ort_session,
+    quiet,
     state_bytes,
     verify_onnx,
 )
@@ -91,7 +88,7 @@ class ONNXInt8Exporter(Exporter[Int8Options]):
             if o.optimize == "auto" and text:
                 fp32, details["fusions"] = _transformer_fusions(fp32, Path(tmp))
             prepared = _preprocess(fp32, Path(tmp) / "prepared.onnx")
-            with _quiet():
+            with quiet(""):
                 if mode == "static":
                     _quantize_static(prepared, path, self._calibration(graph), o.per_channel)
                 else:
@@ -153,7 +150,7 @@ def _transformer_fusions(path: Path, tmp: Path) -> tuple[Path, dict[str, int]]:
     the model unchanged, and no fusions listed, where they do not."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    with _quiet():
+    with quiet(""):
         model = optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0)
     fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
     out = tmp / "fused.onnx"
@@ -165,7 +162,7 @@ def _preprocess(path: Path, out: Path) -> Path:
     """Shape inference and graph optimisation, as onnxruntime advises before quantizing."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with _quiet():
+    with quiet(""):
         try:
             quant_pre_process(str(path), str(out))
         except Exception:  # symbolic shape inference fails on some graphs: skip only that
@@ -205,19 +202,6 @@ def _quantize_dynamic(path: Path, out: Path, per_channel: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(path), str(out), per_channel=per_channel, weight_type=QuantType.QInt8)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """onnxruntime's tools log every step at INFO and print progress."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
 
 
 @hookimpl

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from compressor.plugin_manager import AUTOLOAD_ENV
 from compressor.registry import Registry
 
 TESTS = Path(__file__).resolve().parent
@@ -93,3 +97,38 @@ def save_hf_folder(root: Path, name: str, model: torch.nn.Module) -> Path:
     for file in TOKENIZER_FILES:
         shutil.copy(minilm_folder() / file, folder / file)
     return folder
+
+
+def install_outside(package: Path, target: Path) -> Path:
+    """`package` pip-installed the way a user would, into `target`, a folder outside the repo."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+        + ["--target", str(target), str(package)],
+        check=True,
+        capture_output=True,
+    )
+    return target
+
+
+def run_compress(
+    *args: str,
+    cwd: Path | None = None,
+    path: tuple[Path, ...] = (),
+    env: dict[str, str] | None = None,
+    autoload: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m compressor ARGS` in a fresh process, with `path` first on PYTHONPATH,
+    plugin autoloading on unless `autoload` is False, and `env` set on top."""
+    environ = {**os.environ, **(env or {})}
+    environ["PYTHONPATH"] = os.pathsep.join([*map(str, path), os.environ.get("PYTHONPATH", "")])
+    environ.pop(AUTOLOAD_ENV, None)
+    if not autoload:
+        environ[AUTOLOAD_ENV] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "compressor", *args],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

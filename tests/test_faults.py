@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_RECIPE, TESTS
+from conftest import FAST_RECIPE, TESTS, run_compress
 from safetensors.torch import load_file
 
 from compressor.checkpoint import latest_checkpoint
@@ -25,19 +25,11 @@ KILLED = -9
 
 def _compress(
     recipe: Path, output: Path, *args: str, fault: str = ""
-) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        "COMPRESSOR_FAULT": fault,
-    }
-    command = [sys.executable, "-m", "compressor", "-p", "fault_injection", str(recipe)]
-    return subprocess.run(
-        [*command, f"output={output}", "--quiet", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+) -> subprocess.CompletedProcess[str]:
+    return run_compress(
+        *("-p", "fault_injection", str(recipe), f"output={output}", "--quiet", *args),
+        path=(TESTS,),
+        env={"COMPRESSOR_FAULT": fault},
     )
 
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 import csv
 import importlib
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, install_outside, run_compress
 
 from compressor.graph_pass import PassContext
 from compressor.testing import check_pass
@@ -44,36 +42,11 @@ def test_every_code_block_of_the_plugin_guide_is_the_example_file():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(EXAMPLE),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return install_outside(EXAMPLE, tmp_path_factory.mktemp("site"))
 
 
 def _compress(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    env.pop("COMPRESSOR_DISABLE_PLUGIN_AUTOLOAD", None)
-    return subprocess.run(
-        [sys.executable, "-m", "compressor", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    return run_compress(*args, cwd=cwd, path=(site,))
 
 
 def _digits_csv(path: Path) -> Path:

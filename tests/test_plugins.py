@@ -1,16 +1,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
-from conftest import FAST_RECIPE, TESTS
+from conftest import FAST_RECIPE, TESTS, install_outside, run_compress
 
 from compressor import hookimpl
 from compressor.cli import main
@@ -145,40 +143,13 @@ def test_unknown_dash_p_plugin_is_an_error():
 @pytest.fixture(scope="module")
 def installed_demo(tmp_path_factory) -> Path:
     """tests/plugin_pkg installed the way a user would, into a folder outside the repo."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(TESTS / "plugin_pkg"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return install_outside(TESTS / "plugin_pkg", tmp_path_factory.mktemp("site"))
 
 
 def _compress(
     site: Path, cwd: Path, *args: str, autoload: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    env.pop(AUTOLOAD_ENV, None)
-    if not autoload:
-        env[AUTOLOAD_ENV] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "compressor", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    return run_compress(*args, cwd=cwd, path=(site,), autoload=autoload)
 
 
 def test_an_installed_third_party_plugin_shows_up_and_works_in_a_recipe(
