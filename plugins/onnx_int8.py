@@ -16,6 +16,7 @@ within `max_drop` (in the primary metric's units: accuracy, Spearman, loss).
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -162,7 +163,9 @@ def _preprocess(path: Path, out: Path) -> Path:
     """Shape inference and graph optimisation, as onnxruntime advises before quantizing."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with quiet(""):
+    # when symbolic shape inference gives up, onnxruntime saves its partial model, weights
+    # and all, into the working directory: keep that inside our temporary folder
+    with quiet(""), contextlib.chdir(out.parent):
         try:
             quant_pre_process(str(path), str(out))
         except Exception:  # symbolic shape inference fails on some graphs: skip only that
