@@ -26,6 +26,7 @@ from compressor.checkpoint import latest_checkpoint, load_checkpoint, save_check
 from compressor.errors import CompressorError, RunFailed, TrainingStopped, failure
 from compressor.plan import DistillPlan
 from compressor.recipe import DivergenceGuard
+from compressor.teacher_cache import TeacherCache
 
 METRICS = "metrics.jsonl"
 
@@ -38,6 +39,7 @@ class TrainResult:
     initial_eval: dict[str, float] = field(default_factory=dict)  # before the first step
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    teacher_cache: dict[str, Any] | None = None  # CacheStats.summary() of a cached teacher
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -66,6 +68,9 @@ def train(
     # the step it appeared, and no checkpoint is written after it.
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    cache = None
+    if plan.cache_layout is not None:
+        cache = TeacherCache(plan.cache_layout, run_dir / "teacher_cache")
     start, last_good = 0, None
     if resume:
         last_good = latest_checkpoint(checkpoints)
@@ -77,9 +82,13 @@ def train(
         torch.set_rng_state(state["rng"])
         start = last_good.step
         _truncate_metrics(metrics_path, start)
+        if cache is not None:
+            cache.load(start)
     else:
         torch.manual_seed(recipe.seed)
         metrics_path.unlink(missing_ok=True)
+        if cache is not None:
+            cache.clear_folder()
 
     def log(record: dict[str, Any]) -> None:
         with metrics_path.open("a") as f:
@@ -124,8 +133,9 @@ def train(
     for step in range(start, cfg.steps):
         indices = batch_indices(step, n_train, recipe.data.batch_size, recipe.seed)
         x, y = plan.data.batch("train", indices, device)
+        step_began = time.perf_counter()
         try:
-            terms = list(plan.loss_terms(x, y).values())
+            terms = list(plan.loss_terms(x, y, cache, indices.tolist()).values())
             optimizer.zero_grad(set_to_none=True)
             sum(terms[1:], terms[0]).backward()
         except CompressorError:
@@ -149,6 +159,8 @@ def train(
             grad_norm = unmeasured
         optimizer.step()
         scheduler.step()
+        if cache is not None:  # host time: on a GPU it trails the device by a few steps
+            cache.stats.record(plan.teacher_from_cache, time.perf_counter() - step_began)
 
         # [terms..., grad norm], read back later
         values = torch.stack([*(t.detach().float() for t in terms), grad_norm.float()])
@@ -173,6 +185,8 @@ def train(
                 }
                 # the training graph holds the student's weights and what passes added to it
                 try:
+                    if cache is not None:  # before the checkpoint that counts on it
+                        cache.save(done)
                     last_good = save_checkpoint(
                         checkpoints, done, plan.student_graph, losses, state, cfg.keep_checkpoints
                     )
@@ -190,7 +204,8 @@ def train(
         if k.startswith("eval/")
     }
     final = scores if start < cfg.steps else score(cfg.steps)  # the last step was evaluated
-    return TrainResult(run_dir, cfg.steps, final, initial, history, seconds)
+    summary = cache.stats.summary() if cache is not None else None
+    return TrainResult(run_dir, cfg.steps, final, initial, history, seconds, summary)
 
 
 class Divergence:

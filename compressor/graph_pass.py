@@ -60,12 +60,15 @@ class NodeError(ValueError):
 @dataclass
 class PassContext:
     """What the plan asks of one graph: its role, the taps losses read, whether its output is
-    read; `peer` is the other model's captured graph (before its passes), when there is one."""
+    read; `peer` is the other model's captured graph (before its passes), when there is one;
+    `training` is False for the student's eval and export graph, which passes also rewrite
+    (and `strip` then cleans) but which must keep computing the model's own output."""
 
     role: str
     taps: list[str] = field(default_factory=list)
     output_needed: bool = True
     peer: fx.GraphModule | None = None
+    training: bool = True
 
 
 class GraphPass(Component[OptionsT]):

@@ -48,5 +48,13 @@ class LossTerm(Component[OptionsT], nn.Module):
         """Called once with the captured shapes of what `reads` names, before training; raise
         ValueError for shapes the term cannot take (a located recipe error)."""
 
+    def cached_teacher(
+        self, teacher: dict[str, torch.Tensor], top_k: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+        """With `teacher_cache.top_k`: the teacher's values as the cache should keep them (a
+        term reading logits may swap them for sparse targets), and for each value it adds,
+        the dims (counting the batch dim) that follow the token count. Default: unchanged."""
+        return teacher, {}
+
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError

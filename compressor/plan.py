@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ from compressor.module_pass import ModulePass, ModulePassContext
 from compressor.optim import OptimizerFactory, ScheduleFactory
 from compressor.recipe import Recipe, did_you_mean
 from compressor.registry import Registry
+from compressor.teacher_cache import CacheLayout, TeacherCache
 from compressor.yaml_positions import KeyPath
 
 ROLES = ("student", "teacher")
@@ -142,6 +144,8 @@ class DistillPlan:
     hooks: Any  # the plugin manager's hook relay (metrics observers)
     input_specs: dict[str, dict[str, Any]] = field(default_factory=dict)  # inputs passes added
     notes: list[str] = field(default_factory=list)  # what passes chose, for validate
+    cache_layout: CacheLayout | None = None  # teacher_cache: what a run's cache keeps
+    teacher_from_cache: bool = False  # whether the last step's teacher values were cached
     # set as each part of `loss_terms` starts, so a failure can say which part it was
     part: StepPart = field(default_factory=lambda: StepPart("the training step", ()))
 
@@ -151,9 +155,17 @@ class DistillPlan:
             params += list(bound.term.parameters())
         return [p for p in params if p.requires_grad]
 
-    def loss_terms(self, x: Inputs, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One training step's weighted loss terms on batch (x, y), under bf16 autocast on
-        CUDA. If it raises, `self.part` says which graph or loss failed."""
+    def loss_terms(
+        self,
+        x: Inputs,
+        y: torch.Tensor,
+        cache: TeacherCache | None = None,
+        indices: Sequence[int] = (),
+    ) -> dict[str, torch.Tensor]:
+        """One training step's weighted loss terms on batch (x, y) of training samples
+        `indices`, under bf16 autocast on CUDA. With a `cache`, the teacher's values come
+        from it when it has them all (`teacher_from_cache` says whether they did), and are
+        kept in it when not. If it raises, `self.part` says which graph or loss failed."""
         # inputs passes added (MAE's kept patches): one draw shared by both graphs
         extra = (
             draw_inputs(self.input_specs, batch_size(x), self.device) if self.input_specs else {}
@@ -162,11 +174,17 @@ class DistillPlan:
             self.part = _STUDENT_PART
             s_out, s_taps = _run(self.student_graph, x, extra)  # logits [B, C], taps
             teacher: dict[str, torch.Tensor] = {}
-            if self.teacher_graph is not None:
-                self.part = _TEACHER_PART
+            self.part = _TEACHER_PART
+            cached = cache.lookup(indices, x, self.device) if cache is not None else None
+            self.teacher_from_cache = cached is not None
+            if cached is not None:
+                teacher = cached
+            elif self.teacher_graph is not None:
                 with torch.no_grad():
                     t_out, t_taps = _run(self.teacher_graph, x, extra)
-                teacher = {OUTPUT: t_out, **t_taps}
+                    teacher = {OUTPUT: t_out, **t_taps}
+                    if cache is not None:
+                        teacher = cache.store(indices, x, teacher)
             inputs = LossInputs({OUTPUT: s_out, **s_taps}, teacher, y, x)
             terms = {}
             for bound in self.losses:
@@ -258,8 +276,71 @@ def build_plan(recipe: Recipe, registry: Registry, student: nn.Module | None = N
             for note in pass_notes(graphs[role])
         ],
     )
+    plan.cache_layout = _cache_layout(recipe, plan)
     rehearse(plan)
     return plan
+
+
+def _cache_layout(recipe: Recipe, plan: DistillPlan) -> CacheLayout | None:
+    """What `teacher_cache` keeps, or None without one; a cache that cannot hold is an error."""
+    spec = recipe.teacher_cache
+    if spec is None:
+        return None
+    where = recipe.locate(("teacher_cache",), prefer_key=True)
+    if plan.teacher_graph is None:
+        raise RecipeError(where, "teacher_cache is set, but no loss reads the teacher")
+    if plan.input_specs:
+        raise RecipeError(
+            where,
+            "the teacher's outputs depend on inputs drawn anew at every step "
+            f"({', '.join(plan.input_specs)}), so they cannot be cached",
+            "teacher_cache only with graphs that add no random inputs (no mae_mask)",
+        )
+    if spec.top_k is not None:
+        _check_sparse_readers(recipe, plan.losses)
+    names = [OUTPUT, *tapped(plan.teacher_graph)]
+    shapes = _shapes(plan.teacher_graph, [n for n in names if n != OUTPUT])
+    node = original_output(plan.teacher_graph)
+    shapes[OUTPUT] = node_shape(node) if isinstance(node, fx.Node) else None
+    sequence_dims = {
+        name: tuple(d for d, size in enumerate(shape) if d > 0 and not isinstance(size, int))
+        for name, shape in shapes.items()
+        if shape is not None
+    }
+    top_k = spec.top_k
+
+    def compress(teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for bound in plan.losses:
+            if top_k is not None:
+                teacher, added = bound.term.cached_teacher(teacher, top_k)
+                sequence_dims.update(added)
+        return teacher
+
+    return CacheLayout(sequence_dims, compress, int(spec.memory_mb * 2**20))
+
+
+def _check_sparse_readers(recipe: Recipe, losses: list[BoundLoss]) -> None:
+    """top_k hands the teacher's logits to the terms that keep them sparse; no other term
+    may read them."""
+    sparse = [b for b in losses if type(b.term).cached_teacher is not LossTerm.cached_teacher]
+    if not sparse:
+        raise RecipeError(
+            recipe.locate(("teacher_cache", "top_k"), prefer_key=True),
+            "top_k keeps the teacher's logits as sparse targets, and no loss here reads them so",
+            "a kd loss, or teacher_cache without top_k",
+        )
+    for bound in sparse:
+        taken = set(bound.term.reads()["teacher"])
+        for other in losses:
+            shared = taken & set(other.term.reads()["teacher"])
+            if other is not bound and shared:
+                raise RecipeError(
+                    recipe.locate(("losses", other.index)),
+                    f"loss {other.label!r} reads the teacher's {', '.join(sorted(shared))}, "
+                    f"which teacher_cache.top_k keeps only as loss {bound.label!r}'s sparse "
+                    "targets",
+                    "teacher_cache without top_k, or one loss reading the teacher's logits",
+                )
 
 
 def plan_stages(recipe: Recipe, registry: Registry) -> list[tuple[str, DistillPlan]]:
@@ -565,7 +646,8 @@ def capture_graphs(
         eval_graph = capture(registry, student, example_inputs, "student", method)
     finally:
         student.train()
-    eval_graph = run_passes(eval_graph, components.passes_for("student"), contexts["student"])
+    eval_context = dataclasses.replace(contexts["student"], training=False)
+    eval_graph = run_passes(eval_graph, components.passes_for("student"), eval_context)
     eval_graph = run_passes(eval_graph, [components.strip], PassContext("student"))
     if tapped(eval_graph) or any(n.meta.get(SCAFFOLD_META) for n in eval_graph.graph.nodes):
         raise CaptureError("the strip pass left distillation scaffolding in the student graph")
@@ -675,8 +757,10 @@ def rehearse(plan: DistillPlan) -> None:
                         with _located(plan, f"an eval batch of {batch_size(batch)}"):
                             out = call_model(gm, to_device(batch, plan.device))
                         _check_finite_outputs(plan, part, out, batch_size(batch))
+        # with a teacher cache, through it: the losses then read what later epochs will
+        cache = TeacherCache(plan.cache_layout) if plan.cache_layout is not None else None
         with _located(plan, f"one training batch of {n}"):
-            terms = plan.loss_terms(x, y)
+            terms = plan.loss_terms(x, y, cache, range(n))
         for bound in plan.losses:
             value = terms[bound.label]
             if not bool(torch.isfinite(value).all()):

@@ -129,6 +129,21 @@ class ReportSpec(Strict):
     )
 
 
+class TeacherCacheSpec(Strict):
+    """The frozen teacher's outputs on the (fixed) training data, computed once per sample and
+    read back by later epochs instead of running the teacher."""
+
+    top_k: int | None = Field(
+        None,
+        gt=0,
+        description="keep only the teacher's k most likely classes per token, plus the mass of "
+        "the rest (for kd on language models); null keeps what the losses read whole",
+    )
+    memory_mb: float = Field(
+        4096, gt=0, description="samples past this size are not cached (they run the teacher)"
+    )
+
+
 STAGE_KEYS = ("teacher", "data", "losses", "train")
 
 
@@ -157,6 +172,7 @@ class Recipe(Strict):
     passes: list[PassSpec] = Field(default_factory=list)
     losses: list[LossSpec] = Field(min_length=1)
     train: TrainSpec
+    teacher_cache: TeacherCacheSpec | None = None
     export: list[ComponentSpec] = Field(default_factory=lambda: [ComponentSpec(name="onnx")])
     report: ReportSpec = Field(default_factory=lambda: ReportSpec())
     stages: list[StageSpec] | None = Field(

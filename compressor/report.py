@@ -69,6 +69,8 @@ def build_report(
         }
     if stages:
         report["stages"] = stages
+    if result.teacher_cache is not None:
+        report["teacher_cache"] = result.teacher_cache
     return report
 
 

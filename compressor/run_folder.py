@@ -40,6 +40,7 @@ CORE_ENTRIES = frozenset(
         "recipe.yaml",
         "metrics.jsonl",
         "checkpoints",
+        "teacher_cache",
         "stages",
         "baseline",
         "export",

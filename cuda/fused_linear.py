@@ -27,8 +27,8 @@ class FusedLinearDivergence(torch.autograd.Function):
         student_hidden: torch.Tensor,  # [N, Hs]
         student_weight: torch.Tensor,  # [V, Hs]
         student_bias: torch.Tensor | None,  # [V]
-        teacher_hidden: torch.Tensor,  # [N, Ht]
-        teacher_weight: torch.Tensor,  # [V, Ht]
+        teacher_hidden: Any,  # [N, Ht], or row-sliceable targets when teacher_weight is None
+        teacher_weight: torch.Tensor | None,  # [V, Ht]
         teacher_bias: torch.Tensor | None,
         weights: torch.Tensor,  # [N] fp32: mask * scale / valid rows
         kind: str,
@@ -55,7 +55,11 @@ class FusedLinearDivergence(torch.autograd.Function):
             rows = slice(start, start + chunk_rows)
             h = student_hidden[rows]
             logits = F.linear(h, student_weight, student_bias)  # [c, V]
-            teacher_logits = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+            teacher_logits = (  # without a teacher weight: rows of targets the row_fn reads
+                teacher_hidden[rows]
+                if teacher_weight is None
+                else F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+            )
             grad_logits = torch.empty_like(logits)
             loss += row_fn(
                 logits, teacher_logits, weights[rows], grad_logits, kind, beta, temperature

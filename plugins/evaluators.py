@@ -2,7 +2,8 @@
 
 - classification: accuracy and cross entropy of logits [B, C].
 - language-modeling: next-token cross entropy, perplexity and accuracy of logits [B, T, V]
-  against per-token labels [B, T] (-100 = not scored: padding, prompts).
+  against per-token labels [B, T] (-100 = not scored: padding, prompts); with a teacher of
+  the same vocabulary, KL(teacher || model) per scored token and top-1 agreement with it.
 - embedding: agreement with the teacher on mean-pooled sentence embeddings: mean cosine
   (same width only), Spearman correlation of all pairwise similarities, and top-1 retrieval
   agreement (same nearest neighbour).
@@ -35,6 +36,7 @@ class _TokenScores(Evaluator[NoOptions]):
     """Cross entropy and accuracy of logits against labels (-100 = not scored)."""
 
     next_token = False
+    versus_teacher = False  # also KL(teacher || model) and top-1 agreement with the teacher
     primary = "accuracy"
     label_counts: torch.Tensor | None = None  # of the scored eval labels (the same every time)
     classes = 0
@@ -46,8 +48,10 @@ class _TokenScores(Evaluator[NoOptions]):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         c = self.context
         correct, loss_sum, count = 0, 0.0, 0
+        kl_sum, agree, compared = 0.0, 0, 0
         counting = self.label_counts is None  # the eval labels are counted once
         counts = torch.zeros(0, dtype=torch.long)
+        teacher = c.teacher if self.versus_teacher and model is not c.teacher else None
         for start in _batches(c):
             x, y = c.data.batch("eval", _indices(c, start), c.device)
             logits = call_model(model, x).float()
@@ -55,15 +59,34 @@ class _TokenScores(Evaluator[NoOptions]):
                 logits, y = logits[:, :-1].flatten(0, 1), y[:, 1:].flatten()
             scored = y != IGNORE
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE))
-            correct += int(((logits.argmax(-1) == y) & scored).sum())
+            predicted = logits.argmax(-1)
+            correct += int(((predicted == y) & scored).sum())
             count += int(scored.sum())
+            if teacher is not None:
+                t_logits = call_model(teacher, x).float()
+                t_logits = t_logits[:, :-1].flatten(0, 1) if self.next_token else t_logits
+                if t_logits.shape != logits.shape:  # another vocabulary: nothing to compare
+                    teacher = None
+                else:
+                    log_q, log_p = (
+                        F.log_softmax(logits[scored], -1),
+                        F.log_softmax(t_logits[scored], -1),
+                    )
+                    kl_sum += float(F.kl_div(log_q, log_p, reduction="sum", log_target=True))
+                    agree += int((predicted[scored] == t_logits[scored].argmax(-1)).sum())
+                    compared += int(scored.sum())
+                    del log_q, log_p, t_logits
             if counting:
                 self.classes = logits.shape[-1]
                 seen = torch.bincount(y[scored].cpu(), minlength=self.classes)
                 counts = seen if counts.numel() == 0 else counts + seen
         if counting:
             self.label_counts = counts
-        return self.metrics(loss_sum / max(count, 1), correct / max(count, 1))
+        metrics = self.metrics(loss_sum / max(count, 1), correct / max(count, 1))
+        if teacher is not None and compared:
+            metrics["kl_to_teacher"] = kl_sum / compared
+            metrics["top1_agreement"] = agree / compared
+        return metrics
 
     def metrics(self, loss: float, accuracy: float) -> dict[str, float]:
         return {"accuracy": accuracy, "loss": loss}
@@ -87,6 +110,7 @@ class LanguageModeling(_TokenScores):
 
     name = "language-modeling"
     next_token = True
+    versus_teacher = True
     primary = "loss"
     higher_is_better = False
 

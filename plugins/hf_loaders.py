@@ -22,7 +22,11 @@ from compressor.errors import Problem, RecipeError
 from compressor.hookspecs import hookimpl
 from compressor.loading import IGNORE, Batch, DataBundle, DataLoader, ModelLoader
 from compressor.plugins.hf import TASKS, HFModule, package_folder
-from compressor.plugins.text_corpora import docstring_families, prose_sentences
+from compressor.plugins.text_corpora import (
+    docstring_families,
+    library_paragraphs,
+    prose_sentences,
+)
 from compressor.recipe import DataSpec, ModelSpec, Recipe
 from compressor.yaml_positions import KeyPath
 
@@ -166,7 +170,8 @@ class TextOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: str = Field(
         "prose",
-        description="prose (language reference sentences), docstrings (labelled by stdlib "
+        description="prose (language reference sentences), library (every prose paragraph of "
+        "the standard library's documentation and docstrings), docstrings (labelled by stdlib "
         "family), or a .txt (one text per line) / .jsonl file",
     )
     task: Task = "embedding"
@@ -258,13 +263,17 @@ class TextData(DataLoader[TextOptions]):
         o = self.options
         if o.source == "prose":
             return list(prose_sentences()), None
+        if o.source == "library":  # paragraphs: a split by paragraph shares no text
+            return list(library_paragraphs()), None
         if o.source == "docstrings":
             pairs = docstring_families()
             return [t for t, _ in pairs], [f for _, f in pairs]
         file = recipe.resolve(o.source)
         if not file.is_file():
             raise RecipeError(
-                where, f"text file not found: {file}", "prose, docstrings, a .txt or .jsonl file"
+                where,
+                f"text file not found: {file}",
+                "prose, library, docstrings, a .txt or .jsonl file",
             )
         if file.suffix == ".txt":
             return [ln.strip() for ln in file.read_text().splitlines() if ln.strip()], None

@@ -7,15 +7,18 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from compressor.cuda import kernels
+from compressor.cuda import kernels, sparse
 from compressor.graph_pass import format_shape, token_grid
 from compressor.hookspecs import hookimpl
 from compressor.loading import IGNORE
 from compressor.losses import LossInputs, LossTerm, Shapes
+from compressor.passes import fused_head
 
+# the teacher's sparse targets, as a teacher cache with top_k keeps them for `kd`
+TOP_INDEX, TOP_LOG_PROB, TAIL = "@top_k_index", "@top_k_log_prob", "@top_k_tail"
 # which kernel implementation computes the loss (compressor.cuda.kernels)
 Impl = Literal["auto", "reference", "compiled", "chunked", "triton"]
 
@@ -27,8 +30,22 @@ class KDOptions(BaseModel):
     beta: float = Field(0.5, ge=0, le=1, description="JSD mixing: 0 = forward KL, 1 = reverse KL")
     t2_scale: bool = Field(True, description="times T^2, so gradients keep their size as T grows")
     impl: Impl = "auto"
+    fused_head: bool = Field(
+        False,
+        description="language models: compute the divergence from both lm_heads' inputs and "
+        "weights chunk by chunk, never holding [tokens, vocab] logits (the fused_head pass)",
+    )
     student: str = "output"
     teacher: str = "output"
+
+    @model_validator(mode="after")
+    def _fused_reads_the_heads(self) -> KDOptions:
+        if self.fused_head and (self.student, self.teacher) != ("output", "output"):
+            raise ValueError(
+                "fused_head distils the models' own logits from their lm_heads; it takes no "
+                "student or teacher tap (leave both as output)"
+            )
+        return self
 
 
 class LogitKD(LossTerm[KDOptions]):
@@ -37,34 +54,94 @@ class LogitKD(LossTerm[KDOptions]):
     name = "kd"
 
     def reads(self) -> dict[str, list[str]]:
+        if self.options.fused_head:
+            return {role: [fused_head.HIDDEN, fused_head.WEIGHT] for role in ("student", "teacher")}
         return {"student": [self.options.student], "teacher": [self.options.teacher]}
 
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
-        s, t = student_shapes[self.options.student], teacher_shapes[self.options.teacher]
+        o = self.options
+        if o.fused_head:  # head weights are [V, H]
+            s, t = student_shapes[fused_head.WEIGHT], teacher_shapes[fused_head.WEIGHT]
+            s, t = (shape[:1] if shape else None for shape in (s, t))
+        else:
+            s, t = student_shapes[o.student], teacher_shapes[o.teacher]
         if s and t and isinstance(s[-1], int) and isinstance(t[-1], int) and s[-1] != t[-1]:
             raise ValueError(
-                f"loss 'kd': the student's {self.options.student!r} has {s[-1]} classes and the "
-                f"teacher's {self.options.teacher!r} {t[-1]}: KD compares distributions over "
+                f"loss 'kd': the student's {o.student!r} has {s[-1]} classes and the "
+                f"teacher's {o.teacher!r} {t[-1]}: KD compares distributions over "
                 "the same classes (for language models, the same vocabulary)"
             )
 
+    def cached_teacher(
+        self, teacher: dict[str, torch.Tensor], top_k: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+        """The teacher's logits as sparse targets: its k most likely classes at this term's
+        temperature and the log-mass of the rest."""
+        o, values = self.options, dict(teacher)
+        if o.fused_head:
+            hidden = values.pop(fused_head.HIDDEN)
+            weight, bias = values.pop(fused_head.WEIGHT), values.pop(fused_head.BIAS, None)
+            targets = sparse.top_k_targets(hidden, top_k, o.temperature, weight, bias)
+        else:
+            hidden = values.pop(o.teacher)
+            targets = sparse.top_k_targets(hidden, top_k, o.temperature)
+        values |= {TOP_INDEX: targets.classes, TOP_LOG_PROB: targets.log_prob, TAIL: targets.tail}
+        tokens = (1,) if hidden.dim() == 3 else ()  # [B, T, ...]: dim 1 follows the tokens
+        return values, dict.fromkeys((TOP_INDEX, TOP_LOG_PROB, TAIL), tokens)
+
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         o = self.options
+        if TOP_LOG_PROB in inputs.teacher:
+            return self._sparse(inputs)
+        if o.fused_head:
+            return self._fused(inputs)
         student = inputs.student[o.student]
         return kernels.divergence(
-            student,
-            inputs.teacher[o.teacher],
+            student, inputs.teacher[o.teacher], **self._divergence(student, inputs), impl=o.impl
+        )
+
+    def _divergence(self, student: torch.Tensor, inputs: LossInputs) -> dict[str, Any]:
+        """The divergence options every path shares, with the mask of the student's tokens."""
+        o = self.options
+        return dict(
             kind=o.divergence,
             beta=o.beta,
             temperature=o.temperature,
             t2_scale=o.t2_scale,
             mask=token_mask(student, inputs),
-            impl=o.impl,
+        )
+
+    def _fused(self, inputs: LossInputs) -> torch.Tensor:
+        s, t = inputs.student, inputs.teacher
+        hidden = s[fused_head.HIDDEN]
+        return kernels.linear_divergence(
+            hidden,
+            s[fused_head.WEIGHT],
+            t[fused_head.HIDDEN],
+            t[fused_head.WEIGHT],
+            student_bias=s.get(fused_head.BIAS),
+            teacher_bias=t.get(fused_head.BIAS),
+            **self._divergence(hidden, inputs),
+            impl=self.options.impl,
+        )
+
+    def _sparse(self, inputs: LossInputs) -> torch.Tensor:
+        """Against the cached teacher's sparse targets (teacher_cache.top_k)."""
+        o, s, t = self.options, inputs.student, inputs.teacher
+        targets = sparse.SparseTargets(t[TOP_INDEX], t[TOP_LOG_PROB], t[TAIL])
+        student = s[fused_head.HIDDEN] if o.fused_head else s[o.student]
+        return sparse.sparse_divergence(
+            student,
+            targets,
+            **self._divergence(student, inputs),
+            weight=s[fused_head.WEIGHT] if o.fused_head else None,
+            bias=s.get(fused_head.BIAS) if o.fused_head else None,
         )
 
 
 def token_mask(logits: torch.Tensor, inputs: LossInputs) -> torch.Tensor | None:
-    """Which positions of per-token logits [B, T, V] count: those whose next token is scored
+    """Which positions of per-token logits [B, T, V] (or the hidden states [B, T, H] a fused
+    head reads) count: those whose next token is scored
     (labels != -100: not padding, not prompt), else real tokens; None for [B, C] logits."""
     if logits.dim() != 3:
         return None

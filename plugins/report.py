@@ -33,6 +33,20 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _cache_line(cache: dict[str, Any]) -> str:
+    def rate(value: float | None) -> str:
+        return f"{value:.3g} steps/s" if value else "not measured"
+
+    speedup = f" ({cache['speedup']:.2f}x)" if cache.get("speedup") else ""
+    full = "; its memory budget was reached" if cache["budget_reached"] else ""
+    return (
+        f"Teacher cache: {cache['cached_samples']} samples, {cache['cached_mb']:.1f} MB{full}. "
+        f"{cache['steps_with_teacher']} steps ran the teacher at "
+        f"{rate(cache['steps_per_s_with_teacher'])}, {cache['steps_from_cache']} read the cache "
+        f"at {rate(cache['steps_per_s_from_cache'])}{speedup}."
+    )
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     models = report["models"]
     roles = [r for r in ("teacher", "student", "baseline") if r in models]
@@ -46,6 +60,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{loss['name']} x{loss['weight']}" for loss in report["losses"])
         + "."
     )
+    cache = report.get("teacher_cache")
+    if cache:
+        lines += ["", _cache_line(cache)]
     lines += [
         "",
         "## Quality (eval set)",

@@ -4,16 +4,24 @@
   distillation and sentence-embedding checks.
 - `docstring_families()`: a labelled task, which part of the standard library a docstring
   comes from (text, files, network, data formats, numbers, concurrency).
+- `library_paragraphs()`: every prose paragraph the standard library carries: the
+  documentation topics and the docstrings of its modules, classes and functions, read from
+  the source files (nothing is imported), deduplicated; about 7,400 paragraphs, 1.2M
+  characters, for general distillation and language modelling.
 
 Both are deterministic: same Python version, same texts in the same order.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 import inspect
 import re
+import sysconfig
 from collections.abc import Iterator
+from pathlib import Path
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
 
@@ -40,16 +48,46 @@ def prose_paragraphs() -> list[str]:
     """Prose paragraphs of the language reference, code blocks and short lines left out."""
     from pydoc_data.topics import topics
 
-    out = []
-    for name in sorted(topics):
-        for block in re.split(r"\n\s*\n", topics[name]):
-            lines = [ln for ln in block.splitlines() if ln.strip()]
-            if not lines or any(ln.startswith(("   ", ">>>", "...")) for ln in lines):
-                continue  # indented: code, grammar or a table
-            text = " ".join(ln.strip() for ln in lines)
-            if len(text) >= 60 and not set(text) <= set("=*-+| "):
-                out.append(text)
-    return out
+    return [p for name in sorted(topics) for p in _paragraphs(topics[name])]
+
+
+def _paragraphs(text: str) -> Iterator[str]:
+    """The prose paragraphs of a text: blocks between blank lines, each joined into one line;
+    indented blocks (code, grammar, tables), doctests and short lines left out."""
+    for block in re.split(r"\n\s*\n", text):
+        lines = [ln for ln in block.splitlines() if ln.strip()]
+        if not lines or any(
+            ln.startswith("   ") or ln.lstrip().startswith((">>>", "...")) for ln in lines
+        ):
+            continue
+        joined = " ".join(ln.strip() for ln in lines)
+        if len(joined) >= 60 and not set(joined) <= set("=*-+| "):
+            yield joined
+
+
+# stdlib folders that are tests, demos or vendored tools rather than library prose
+_NOT_LIBRARY = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages"}
+
+
+@functools.cache
+def library_paragraphs() -> tuple[str, ...]:
+    """Paragraphs of the documentation topics, then of every docstring in the standard
+    library's source (module, class, function), in file order, each kept once."""
+    seen: dict[str, None] = dict.fromkeys(prose_paragraphs())
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if _NOT_LIBRARY & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a file for another Python, or not UTF-8
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        for node in ast.walk(tree):
+            doc = ast.get_docstring(node) if isinstance(node, kinds) else None
+            for paragraph in _paragraphs(doc or ""):
+                seen.setdefault(paragraph, None)
+    return tuple(seen)
 
 
 def prose_sentences(min_chars: int = 30, max_chars: int = 300) -> list[str]:

@@ -19,7 +19,12 @@ from compressor.losses import LossInputs
 from compressor.pipeline import run
 from compressor.plan import build_plan
 from compressor.plugins.hf import HFModule, package_folder
-from compressor.plugins.text_corpora import docstring_families, prose_sentences
+from compressor.plugins.text_corpora import (
+    docstring_families,
+    library_paragraphs,
+    prose_paragraphs,
+    prose_sentences,
+)
 from compressor.recipe import load_recipe
 
 transformers = pytest.importorskip("transformers")
@@ -350,6 +355,18 @@ def test_text_corpora_are_deterministic_and_labelled():
     families = docstring_families()
     assert len({label for _, label in families}) == 6
     assert len(families) > 500
+
+
+def test_the_library_corpus_is_every_prose_paragraph_once():
+    paragraphs = library_paragraphs()
+    # each once: the text loader's split by row (paragraph) then shares no text
+    assert len(paragraphs) > 5000 and len(set(paragraphs)) == len(paragraphs)
+    assert set(prose_paragraphs()) <= set(paragraphs)  # the documentation topics...
+    import json as json_module  # ...and docstrings, read from the source, not imported
+
+    first = " ".join(json_module.__doc__.split("\n\n")[0].split())
+    assert first in paragraphs
+    assert not any(p.startswith(">>>") or len(p) < 60 for p in paragraphs)
 
 
 def test_jsonl_prompts_are_not_scored(tiny, tmp_path, registry):

@@ -1,0 +1,207 @@
+"""The teacher's outputs, computed once per training sample and read back in later epochs.
+
+The teacher is frozen in eval form and the training data are fixed, so what the losses read
+from it on a sample never changes. The first time a sample is in a batch the teacher runs
+and its outputs are kept, per sample, on the CPU; a later batch made only of kept samples
+runs no teacher. With `top_k`, a loss that reads the teacher's logits may keep them as
+sparse targets instead (`LossTerm.cached_teacher`; `kd` keeps the k most likely tokens and
+the mass of the rest, `compressor.cuda.sparse`), from the first epoch on, so every epoch
+optimises the same loss.
+
+Samples are saved to the run folder at each checkpoint (`teacher_cache/part-<step>.safetensors`,
+each written whole and renamed into place), so a resumed run reads them instead of running
+the teacher again.
+
+Text batches are trimmed to their longest row, so a sample's outputs have the token length
+of the batch they were computed in; they are cut or zero-padded to the length of the batch
+they are read in (positions past a sample's own end are padding, which losses mask).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compressor.loading import Inputs
+
+
+@dataclass
+class CacheLayout:
+    """What the plan decided the cache keeps: `sequence_dims` per teacher value (the dims,
+    counting the batch dim, that follow the token count), `compress` turning the teacher's
+    values into what is kept (the losses' `cached_teacher`, in order), and the budget."""
+
+    sequence_dims: dict[str, tuple[int, ...]]
+    compress: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda v: v
+    memory_bytes: int = 4096 * 2**20
+
+
+@dataclass
+class CacheStats:
+    cached_samples: int = 0
+    cached_bytes: int = 0
+    full: bool = False  # the memory budget stopped caching
+    live_steps: int = 0
+    cached_steps: int = 0
+    live_seconds: float = 0.0
+    cached_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def record(self, from_cache: bool, seconds: float) -> None:
+        """A training step's time, by whether its teacher values came from the cache."""
+        if from_cache:
+            self.cached_steps, self.cached_seconds = (
+                self.cached_steps + 1,
+                self.cached_seconds + seconds,
+            )
+        else:
+            self.live_steps, self.live_seconds = self.live_steps + 1, self.live_seconds + seconds
+
+    def summary(self) -> dict[str, Any]:
+        def rate(steps: int, seconds: float) -> float | None:
+            return steps / seconds if seconds > 0 else None
+
+        live, cached = (
+            rate(self.live_steps, self.live_seconds),
+            rate(self.cached_steps, self.cached_seconds),
+        )
+        return {
+            "cached_samples": self.cached_samples,
+            "cached_mb": self.cached_bytes / 2**20,
+            "budget_reached": self.full,
+            "steps_with_teacher": self.live_steps,
+            "steps_from_cache": self.cached_steps,
+            "steps_per_s_with_teacher": live,
+            "steps_per_s_from_cache": cached,
+            "speedup": cached / live if live and cached else None,
+            "notes": self.notes,
+        }
+
+
+class TeacherCache:
+    def __init__(self, layout: CacheLayout, folder: Path | None = None):
+        self.layout = layout
+        self.folder = folder
+        self.samples: dict[int, dict[str, torch.Tensor]] = {}
+        self.constants: dict[str, torch.Tensor] = {}  # parameters (a head's weight)
+        self.unsaved: set[int] = set()
+        self.stats = CacheStats()
+
+    # -- reading ----------------------------------------------------------------------------
+    def lookup(
+        self, indices: Sequence[int], x: Inputs, device: torch.device
+    ) -> dict[str, torch.Tensor] | None:
+        """The teacher's values for this batch when every sample is kept, else None."""
+        keys = [int(i) for i in indices]
+        if not keys or any(k not in self.samples for k in keys):
+            return None
+        tokens = _tokens(x)
+        out: dict[str, torch.Tensor] = dict(self.constants)
+        for name in self.samples[keys[0]]:
+            dims = self.layout.sequence_dims.get(name, ())
+            rows = [_fit(self.samples[k][name], dims, tokens) for k in keys]
+            out[name] = torch.stack(rows).to(device, non_blocking=True)
+        return out
+
+    # -- writing ----------------------------------------------------------------------------
+    def store(
+        self, indices: Sequence[int], x: Inputs, teacher: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Keep this batch's values per sample; returns what the losses read (for `top_k`,
+        sparse targets in place of the logits)."""
+        values = self.layout.compress(teacher)
+        per_sample = {  # a truncated teacher's output is None: nothing to keep
+            k: v for k, v in values.items() if v is not None and not isinstance(v, nn.Parameter)
+        }
+        self.constants.update({k: v for k, v in values.items() if isinstance(v, nn.Parameter)})
+        for row, index in enumerate(int(i) for i in indices):
+            if index in self.samples or self.stats.full:
+                continue
+            sample = {k: v[row].detach().to("cpu", copy=True) for k, v in per_sample.items()}
+            size = sum(t.numel() * t.element_size() for t in sample.values())
+            if self.stats.cached_bytes + size > self.layout.memory_bytes:
+                self.stats.full = True
+                self.stats.notes.append(
+                    f"the teacher cache reached its budget ({self.layout.memory_bytes / 2**20:.0f} "
+                    f"MB) at {len(self.samples)} samples; the rest run the teacher every time"
+                )
+                continue
+            self.samples[index] = sample
+            self.unsaved.add(index)
+            self.stats.cached_samples += 1
+            self.stats.cached_bytes += size
+        return values
+
+    # -- the run folder ---------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        """Write the samples kept since the last save, as one part, atomically."""
+        if self.folder is None or not self.unsaved:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"{index}/{name}": value.contiguous()
+            for index in sorted(self.unsaved)
+            for name, value in self.samples[index].items()
+        }
+        path = self.folder / f"part-{step:08d}.safetensors"
+        partial = path.with_suffix(".partial")
+        save_file(tensors, str(partial))
+        os.replace(partial, path)
+        self.unsaved.clear()
+
+    def load(self, up_to_step: int) -> None:
+        """Read the parts saved up to `up_to_step` (a resumed run's checkpoint); later parts
+        belong to steps that will run again and are dropped."""
+        if self.folder is None or not self.folder.is_dir():
+            return
+        for path in sorted(self.folder.glob("part-*.safetensors")):
+            if int(path.stem.removeprefix("part-")) > up_to_step:
+                path.unlink()
+                continue
+            for key, value in load_file(str(path)).items():
+                index, _, name = key.partition("/")
+                sample = self.samples.setdefault(int(index), {})
+                sample[name] = value
+        self.stats.cached_samples = len(self.samples)
+        self.stats.cached_bytes = sum(
+            t.numel() * t.element_size() for s in self.samples.values() for t in s.values()
+        )
+
+    def clear_folder(self) -> None:
+        """A fresh run does not trust another run's cache."""
+        if self.folder is not None and self.folder.is_dir():
+            for path in self.folder.glob("part-*"):
+                path.unlink()
+
+
+def _tokens(x: Inputs) -> int | None:
+    if isinstance(x, dict):
+        first = x.get("input_ids", x.get("attention_mask"))
+        if first is None:
+            first = next(iter(x.values()))
+        return int(first.shape[1]) if first.dim() > 1 else None
+    return None
+
+
+def _fit(value: torch.Tensor, dims: tuple[int, ...], tokens: int | None) -> torch.Tensor:
+    """`value` (one sample, no batch dim) cut or zero-padded to `tokens` along `dims`
+    (given counting the batch dim)."""
+    if tokens is None:
+        return value
+    for dim in dims:
+        d = dim - 1
+        have = value.shape[d]
+        if have > tokens:
+            value = value.narrow(d, 0, tokens)
+        elif have < tokens:
+            pad = [0, 0] * (value.dim() - 1 - d) + [0, tokens - have]
+            value = F.pad(value, pad)
+    return value
