@@ -18,6 +18,7 @@ from compressor.graph_pass import (
 )
 from compressor.plugin_manager import AUTOLOAD_ENV
 from compressor.recipe import Recipe, load_recipe
+from compressor.recipe_chain import check_teachers, validation
 from compressor.registry import Registry
 from compressor.run_folder import check_output
 
@@ -150,10 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides, registry)
         if args.command == "validate":
             check_output(recipe)  # what the run would refuse first
-            print(describe_plan(recipe, registry))
+            chain = check_teachers(recipe, registry)
+            with validation():
+                print("\n".join([describe_plan(recipe, registry), *chain]))
             return 0
         if args.command == "graph":
-            text = describe_graphs(recipe, registry)
+            with validation():
+                text = describe_graphs(recipe, registry)
             print(text)
             if args.output:
                 args.output.write_text(text + "\n")

@@ -22,6 +22,7 @@ from compressor.export import Artifact, ExportResult
 from compressor.measure import measure
 from compressor.plan import DistillPlan, build_plan, plan_stages
 from compressor.recipe import LossSpec, Recipe
+from compressor.recipe_chain import produce_teachers
 from compressor.registry import Registry
 from compressor.report import build_report
 from compressor.run_folder import check_output, claim
@@ -46,6 +47,7 @@ def run(
     produced. Everything that can be checked is checked by the plan, before the run folder
     exists; a failure after that names its phase and leaves its traceback in error.log."""
     check_output(recipe)
+    produce_teachers(recipe, registry, progress)  # teachers other recipes train, first
     stages = plan_stages(recipe, registry)
     plan = stages[-1][1]
     if recipe.report.baseline and recipe.stages is not None:
@@ -144,6 +146,7 @@ def baseline_recipe(recipe: Recipe) -> Recipe:
     return recipe.model_copy(
         update={
             "teacher": None,
+            "teacher_cache": None,
             "losses": [ce.model_copy(update={"weight": 1.0})],
             "passes": [p for p in recipe.passes if p.target == "student"],
             "export": [],

@@ -24,6 +24,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from compressor.components import Component, OptionsT
@@ -74,6 +75,14 @@ class ModelSpec(BaseModel):
     from_teacher: bool = Field(
         False, description="student: start as a copy of the teacher (module passes shrink it)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_shorthand(cls, data: Any) -> Any:
+        """`{recipe: finetune.yaml}` is the `recipe` loader: another recipe's trained student."""
+        if isinstance(data, dict) and "recipe" in data and "loader" not in data:
+            return {"loader": "recipe", **data}
+        return data
 
     @property
     def options(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from compressor.loading import (
     load_safetensors_weights,
     resolve_callable,
 )
-from compressor.recipe import DataSpec, Recipe
+from compressor.recipe import DataSpec, Recipe, load_recipe
 from compressor.yaml_positions import KeyPath
 
 
@@ -48,6 +48,44 @@ class CallableModel(ModelLoader[CallableModelOptions]):
         if o.weights:
             load_safetensors_weights(model, recipe.resolve(o.weights), recipe, (*path, "weights"))
         return model
+
+
+class RecipeModelOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    recipe: str = Field(description="another recipe (relative to this one) whose student this is")
+
+
+class RecipeModel(ModelLoader[RecipeModelOptions]):
+    """The student another recipe trained: built as that recipe builds it, with its run's
+    student.safetensors (`compress` trains it first when it has not run)."""
+
+    name = "recipe"
+
+    def load(self, recipe: Recipe, path: KeyPath) -> nn.Module:
+        from compressor import recipe_chain
+        from compressor.plan import build_components, load_data, load_models
+        from compressor.registry import Registry
+
+        file = recipe.resolve(self.options.recipe)
+        if not file.is_file():
+            raise RecipeError(recipe.locate((*path, "recipe")), f"teacher recipe not found: {file}")
+        source = load_recipe(file)
+        run_dir = recipe_chain.finished_run(source)
+        if run_dir is None and not recipe_chain.validating():
+            raise RecipeError(
+                recipe.locate((*path, "recipe")),
+                f"this model is the student of {file}, whose run {source.run_dir()} has not "
+                "finished",
+                f"compress {recipe.path} (it trains {file.name} first), or compress {file}",
+            )
+        view = source.stage_views()[0][1]  # stages share the first stage's student
+        components = build_components(view, Registry.load())
+        data = load_data(view, components.data_loader) if view.module_passes else None
+        _, student = load_models(view, components, None, torch.device("cpu"), data)
+        if run_dir is not None:
+            weights = run_dir / "student.safetensors"
+            load_safetensors_weights(student, weights, recipe, (*path, "recipe"))
+        return student
 
 
 class CallableDataOptions(BaseModel):
@@ -109,7 +147,7 @@ class Digits(DataLoader[DigitsOptions]):
 
 @hookimpl
 def compressor_model_loaders() -> list[type]:
-    return [CallableModel]
+    return [CallableModel, RecipeModel]
 
 
 @hookimpl

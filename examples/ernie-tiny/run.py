@@ -2,9 +2,10 @@
 
     python examples/ernie-tiny/run.py [--seeds 0 1] [--out runs/ernie-tiny]   (~40 min, 2 cores)
 
-First fine-tunes all-MiniLM-L6-v2 on the docstring-family task (finetune.yaml: the task
-teacher, reused if already there), then for each seed runs recipe.yaml twice: all four
-stages, and only the task-specific stage with as many steps as the four stages together.
+The recipe's task teacher is finetune.yaml's student (all-MiniLM-L6-v2 fine-tuned on the
+docstring-family task), trained first when its run is missing and reused after; then for
+each seed recipe.yaml runs twice: all four stages, and only the task-specific stage with as
+many steps as the four stages together.
 Writes runs/ernie-tiny/report.md and report.json.
 """
 
@@ -15,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from compressor.recipe import load_recipe
+from compressor.recipe_chain import produce_teachers
 from compressor.registry import Registry
 from compressor.sweep import ArmResult, arm_table, run_one, write_summary
 
@@ -52,23 +55,17 @@ def main() -> None:
     args = parser.parse_args()
     registry = Registry.load()
 
-    teacher_dir = args.out / "teacher"
-    finished = teacher_dir / "report.json"
-    teacher = (
-        json.loads(finished.read_text())
-        if finished.is_file()
-        else run_one(HERE / "finetune.yaml", [], teacher_dir, registry, progress=True)
-    )
-    teacher_folder = (teacher_dir / "export" / "student-hf").resolve()
+    # the recipe's task teacher is finetune.yaml's student: trained once, reused by every arm
+    produce_teachers(load_recipe(HERE / "recipe.yaml", registry=registry), registry, True)
+    teacher_run = load_recipe(HERE / "finetune.yaml").run_dir()
+    teacher = json.loads((teacher_run / "report.json").read_text())
     teacher_accuracy = teacher["models"]["student"]["quality"]["accuracy"]
     print(f"task teacher (fine-tuned MiniLM-L6): accuracy {teacher_accuracy:.4f}", flush=True)
 
     steps = [100, 100, 100, 200]
-    task_teacher = f"stages.task_teacher.model={teacher_folder}"
     arms = {
-        "4 stages (ERNIE-Tiny)": [task_teacher, f"stages.steps={steps}"],
+        "4 stages (ERNIE-Tiny)": [f"stages.steps={steps}"],
         "task-specific stage only": [
-            task_teacher,
             f"stages.steps=[1, 1, 1, {sum(steps)}]",
             "stages.only=[task-specific]",
         ],
