@@ -90,6 +90,11 @@ class Exporter(Component[OptionsT]):
         """Median seconds per call of the exported artifact, or None if not measurable here."""
         return None
 
+    def generation_rate(self, path: Path, prompt: Inputs, new_tokens: int) -> float | None:
+        """New tokens per second of greedy generation from `prompt` (one row) for an artifact
+        that generates (a causal LM with a KV cache); None for any other."""
+        return None
+
 
 @dataclass
 class Artifact:

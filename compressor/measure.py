@@ -51,11 +51,27 @@ def measure(plan: DistillPlan, artifacts: list[Artifact]) -> dict[str, dict[str,
                     str(b): artifact.exporter.latency(path, (x,), report.latency_repeats)
                     for b, x in batches.items()
                 }
+                rate = artifact.exporter.generation_rate(path, _prompt(plan), GENERATED_TOKENS)
             entry["latency_ms"][label] = {
                 b: None if t is None else t * 1e3 for b, t in timings.items()
             }
+            if rate is not None:
+                entry.setdefault("generation_tokens_per_s", {})[label] = rate
         out[role] = entry
     return out
+
+
+# generation is timed as GENERATED_TOKENS greedy tokens after a PROMPT_TOKENS-token prompt
+GENERATED_TOKENS, PROMPT_TOKENS = 32, 32
+
+
+def _prompt(plan: DistillPlan) -> Inputs:
+    """The first eval sample's first PROMPT_TOKENS real tokens, on the CPU."""
+    x, _ = plan.data.batch("eval", [0], torch.device("cpu"))
+    if not isinstance(x, dict):
+        return x
+    length = min(PROMPT_TOKENS, int(x["attention_mask"][0].sum()))
+    return {k: v[:, :length] for k, v in x.items()}
 
 
 def latency_inputs(plan: DistillPlan, batch: int, tokens: int | None) -> Inputs:

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import itertools
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -288,6 +289,8 @@ def _cache_layout(recipe: Recipe, plan: DistillPlan) -> CacheLayout | None:
         return None
     where = recipe.locate(("teacher_cache",), prefer_key=True)
     if plan.teacher_graph is None:
+        if recipe.stages is not None:  # a stage without a teacher has nothing to cache
+            return None
         raise RecipeError(where, "teacher_cache is set, but no loss reads the teacher")
     if plan.input_specs:
         raise RecipeError(
@@ -298,10 +301,15 @@ def _cache_layout(recipe: Recipe, plan: DistillPlan) -> CacheLayout | None:
         )
     if spec.top_k is not None:
         _check_sparse_readers(recipe, plan.losses)
-    names = [OUTPUT, *tapped(plan.teacher_graph)]
-    shapes = _shapes(plan.teacher_graph, [n for n in names if n != OUTPUT])
+    taps = tapped(plan.teacher_graph)
+    shapes = _shapes(plan.teacher_graph, list(taps))
     node = original_output(plan.teacher_graph)
     shapes[OUTPUT] = node_shape(node) if isinstance(node, fx.Node) else None
+    constants = {  # taps of parameters (a fused head's weight): kept once, not per sample
+        name: _attribute(plan.teacher_graph, str(tap.target))
+        for name, tap in taps.items()
+        if tap.op == "get_attr"
+    }
     sequence_dims = {
         name: tuple(d for d, size in enumerate(shape) if d > 0 and not isinstance(size, int))
         for name, shape in shapes.items()
@@ -316,7 +324,27 @@ def _cache_layout(recipe: Recipe, plan: DistillPlan) -> CacheLayout | None:
                 sequence_dims.update(added)
         return teacher
 
-    return CacheLayout(sequence_dims, compress, int(spec.memory_mb * 2**20))
+    fingerprint = json.dumps(
+        {
+            "teacher": recipe.teacher.model_dump() if recipe.teacher else None,
+            "teacher_passes": [
+                p.model_dump() for p in recipe.module_passes if p.target != "student"
+            ],
+            "data": recipe.data.model_dump(),
+            "losses": [loss.model_dump() for loss in recipe.losses],
+            "teacher_cache": spec.model_dump(),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return CacheLayout(sequence_dims, compress, int(spec.memory_mb * 2**20), constants, fingerprint)
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _check_sparse_readers(recipe: Recipe, losses: list[BoundLoss]) -> None:
@@ -328,6 +356,13 @@ def _check_sparse_readers(recipe: Recipe, losses: list[BoundLoss]) -> None:
             recipe.locate(("teacher_cache", "top_k"), prefer_key=True),
             "top_k keeps the teacher's logits as sparse targets, and no loss here reads them so",
             "a kd loss, or teacher_cache without top_k",
+        )
+    if len(sparse) > 1:
+        raise RecipeError(
+            recipe.locate(("losses", sparse[1].index)),
+            f"losses {', '.join(repr(b.label) for b in sparse)} would each keep sparse "
+            "targets of the teacher, and teacher_cache.top_k keeps one set",
+            "one kd loss with teacher_cache.top_k, or teacher_cache without top_k",
         )
     for bound in sparse:
         taken = set(bound.term.reads()["teacher"])

@@ -19,6 +19,7 @@ they are read in (positions past a sample's own end are padding, which losses ma
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -42,6 +44,10 @@ class CacheLayout:
     sequence_dims: dict[str, tuple[int, ...]]
     compress: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda v: v
     memory_bytes: int = 4096 * 2**20
+    # teacher values that are parameters (a fused head's weight): the same for every sample
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    # what the kept values depend on (recipe parts); a saved cache made otherwise is dropped
+    fingerprint: str = ""
 
 
 @dataclass
@@ -91,7 +97,7 @@ class TeacherCache:
         self.layout = layout
         self.folder = folder
         self.samples: dict[int, dict[str, torch.Tensor]] = {}
-        self.constants: dict[str, torch.Tensor] = {}  # parameters (a head's weight)
+        self.tokens: dict[int, int] = {}  # token length of the batch each sample was kept from
         self.unsaved: set[int] = set()
         self.stats = CacheStats()
 
@@ -104,12 +110,21 @@ class TeacherCache:
         if not keys or any(k not in self.samples for k in keys):
             return None
         tokens = _tokens(x)
-        out: dict[str, torch.Tensor] = dict(self.constants)
+        out: dict[str, torch.Tensor] = dict(self.layout.constants)
         for name in self.samples[keys[0]]:
-            dims = self.layout.sequence_dims.get(name, ())
-            rows = [_fit(self.samples[k][name], dims, tokens) for k in keys]
+            rows = [_fit(self.samples[k][name], self._dims(name, k), tokens) for k in keys]
             out[name] = torch.stack(rows).to(device, non_blocking=True)
         return out
+
+    def _dims(self, name: str, index: int) -> tuple[int, ...]:
+        """The dims of `name` that follow the token count: as captured, or where the capture
+        kept no symbolic shapes (symbolic_trace), the dims of the length the sample was kept at."""
+        dims = self.layout.sequence_dims.get(name)
+        if dims is not None:
+            return dims
+        kept_at = self.tokens.get(index)
+        shape = self.samples[index][name].shape
+        return tuple(d + 1 for d, size in enumerate(shape) if kept_at and size == kept_at)
 
     # -- writing ----------------------------------------------------------------------------
     def store(
@@ -119,9 +134,11 @@ class TeacherCache:
         sparse targets in place of the logits)."""
         values = self.layout.compress(teacher)
         per_sample = {  # a truncated teacher's output is None: nothing to keep
-            k: v for k, v in values.items() if v is not None and not isinstance(v, nn.Parameter)
+            k: v
+            for k, v in values.items()
+            if v is not None and not isinstance(v, nn.Parameter) and k not in self.layout.constants
         }
-        self.constants.update({k: v for k, v in values.items() if isinstance(v, nn.Parameter)})
+        tokens = _tokens(x)
         for row, index in enumerate(int(i) for i in indices):
             if index in self.samples or self.stats.full:
                 continue
@@ -135,6 +152,8 @@ class TeacherCache:
                 )
                 continue
             self.samples[index] = sample
+            if tokens is not None:
+                self.tokens[index] = tokens
             self.unsaved.add(index)
             self.stats.cached_samples += 1
             self.stats.cached_bytes += size
@@ -151,9 +170,11 @@ class TeacherCache:
             for index in sorted(self.unsaved)
             for name, value in self.samples[index].items()
         }
+        tokens = {str(i): str(self.tokens[i]) for i in sorted(self.unsaved) if i in self.tokens}
+        metadata = {"fingerprint": self.layout.fingerprint, "tokens": json.dumps(tokens)}
         path = self.folder / f"part-{step:08d}.safetensors"
         partial = path.with_suffix(".partial")
-        save_file(tensors, str(partial))
+        save_file(tensors, str(partial), metadata=metadata)
         os.replace(partial, path)
         self.unsaved.clear()
 
@@ -163,13 +184,23 @@ class TeacherCache:
         if self.folder is None or not self.folder.is_dir():
             return
         for path in sorted(self.folder.glob("part-*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
             if int(path.stem.removeprefix("part-")) > up_to_step:
+                path.unlink()
+                continue
+            if metadata.get("fingerprint") != self.layout.fingerprint:
+                self.stats.notes.append(
+                    f"{path.name} was kept for another teacher, data or loss settings: dropped"
+                )
                 path.unlink()
                 continue
             for key, value in load_file(str(path)).items():
                 index, _, name = key.partition("/")
                 sample = self.samples.setdefault(int(index), {})
                 sample[name] = value
+            for index, tokens in json.loads(metadata.get("tokens", "{}")).items():
+                self.tokens[int(index)] = int(tokens)
         self.stats.cached_samples = len(self.samples)
         self.stats.cached_bytes = sum(
             t.numel() * t.element_size() for s in self.samples.values() for t in s.values()

@@ -4,7 +4,8 @@ tokens, without ever holding either model's full [N, V] logits.
 Per chunk: student logits = h_s W_s^T + b_s, teacher logits likewise (no grad); the row
 math returns the loss and writes d loss / d logits; that gradient goes straight into
 d h_s (= g W_s), d W_s (+= g^T h_s) and d b_s (+= sum g). Backward only scales by
-grad_output.
+grad_output. Under autocast the head matmuls run in the autocast dtype (bf16 on GPUs),
+the row math and the weight gradients in fp32.
 """
 
 from __future__ import annotations
@@ -50,27 +51,40 @@ class FusedLinearDivergence(torch.autograd.Function):
             if need_b and student_bias is not None
             else None
         )
-        loss = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        for start in range(0, student_hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h = student_hidden[rows]
-            logits = F.linear(h, student_weight, student_bias)  # [c, V]
-            teacher_logits = (  # without a teacher weight: rows of targets the row_fn reads
-                teacher_hidden[rows]
-                if teacher_weight is None
-                else F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
-            )
-            grad_logits = torch.empty_like(logits)
-            loss += row_fn(
-                logits, teacher_logits, weights[rows], grad_logits, kind, beta, temperature
-            )
-            del logits, teacher_logits
-            if grad_h is not None:
-                torch.matmul(grad_logits, student_weight, out=grad_h[rows])
-            if grad_w is not None:
-                grad_w.addmm_(grad_logits.t().to(grad_w.dtype), h.to(grad_w.dtype))
-            if grad_b is not None:
-                grad_b += grad_logits.sum(0, dtype=torch.float32)
+        device = student_hidden.device
+        # Under autocast the heads run in its dtype (bf16 on GPUs), as unfused linear layers
+        # would; autocast is off inside, so every op below sees the dtypes it is given.
+        dtype = (
+            torch.get_autocast_dtype(device.type)
+            if torch.is_autocast_enabled(device.type)
+            else student_weight.dtype
+        )
+        with torch.autocast(device.type, enabled=False):
+            w = student_weight.to(dtype)
+            b = student_bias.to(dtype) if student_bias is not None else None
+            tw = teacher_weight.to(dtype) if teacher_weight is not None else None
+            tb = teacher_bias.to(dtype) if teacher_bias is not None else None
+            loss = torch.zeros((), dtype=torch.float32, device=device)
+            for start in range(0, student_hidden.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                h = student_hidden[rows].to(dtype)
+                logits = F.linear(h, w, b)  # [c, V]
+                teacher_logits = (  # without a teacher weight: rows of targets the row_fn reads
+                    teacher_hidden[rows]
+                    if tw is None
+                    else F.linear(teacher_hidden[rows].to(dtype), tw, tb)
+                )
+                grad_logits = torch.empty_like(logits)
+                loss += row_fn(
+                    logits, teacher_logits, weights[rows], grad_logits, kind, beta, temperature
+                )
+                del logits, teacher_logits
+                if grad_h is not None:
+                    grad_h[rows] = grad_logits @ w
+                if grad_w is not None:
+                    grad_w.addmm_(grad_logits.t().to(grad_w.dtype), h.to(grad_w.dtype))
+                if grad_b is not None:
+                    grad_b += grad_logits.sum(0, dtype=torch.float32)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (
             student_weight.dtype,

@@ -31,7 +31,7 @@ LOG_FLOOR = -1e4  # log of a probability that is 0: finite, so 0 * log stays 0
 
 
 class SparseTargets(NamedTuple):
-    classes: torch.Tensor  # [..., k] int64: the teacher's k most likely classes
+    classes: torch.Tensor  # [..., k] int32 (4 bytes each): the teacher's k most likely classes
     log_prob: torch.Tensor  # [..., k] fp32: their log-probabilities at temperature T
     tail: torch.Tensor  # [...] fp32: log of the probability of every other class
 
@@ -69,7 +69,7 @@ def top_k_targets(
             _logits(rows[start : start + chunk], weight, bias) / temperature, -1
         )
         log_prob, index = log_probs.topk(k, dim=-1)
-        parts.append((index, log_prob, _tail(log_probs, index)))
+        parts.append((index.int(), log_prob, _tail(log_probs, index)))
     lead = x.shape[:-1]
     index, log_prob, tail = (torch.cat(p) for p in zip(*parts, strict=True))
     return SparseTargets(index.reshape(*lead, k), log_prob.reshape(*lead, k), tail.reshape(lead))
@@ -103,18 +103,15 @@ def sparse_rows_and_grad(
     dL/dz_j = g_j - q_j G for a kept class j, and q_j (g_tail / Q - G) for any other."""
     z = student_logits.float() / temperature
     log_q = z - torch.logsumexp(z, dim=-1, keepdim=True)
-    q = log_q.exp()
+    del z
     classes = teacher.classes
-    q_kept = q.gather(-1, classes)
     buckets = log_q.gather(-1, classes)
-    del log_q, z
-    q_rest = q.scatter_(-1, classes, 0.0)  # q of the other classes (in place: q is ours)
-    tail = q_rest.sum(-1)
+    q = log_q.exp()
     with_tail = teacher.target.shape[-1] > classes.shape[-1]
-    if with_tail:
-        buckets = torch.cat(
-            [buckets, tail.clamp_min(1e-30).log().clamp_min(LOG_FLOOR)[:, None]], -1
-        )
+    if with_tail:  # log of the student's mass on the other classes, from those classes
+        log_q.scatter_(-1, classes, float("-inf"))
+        log_tail = torch.logsumexp(log_q, dim=-1, keepdim=True)
+        buckets = torch.cat([buckets, log_tail.clamp_min(LOG_FLOOR)], -1)
     with torch.enable_grad():
         leaf = buckets.detach().requires_grad_(True)
         # the buckets are normalised already: temperature 1 leaves them as they are
@@ -123,12 +120,10 @@ def sparse_rows_and_grad(
         (g,) = torch.autograd.grad(total, leaf)
     if grad_out is not None:
         g_total = g.sum(-1, keepdim=True)
-        g_kept = g[:, : classes.shape[-1]]
-        if with_tail:
-            grad = q_rest * (g[:, -1:] / tail.clamp_min(1e-30)[:, None] - g_total)
-        else:  # every class kept
-            grad = q_rest
-        grad.scatter_(-1, classes, g_kept - q_kept * g_total)
+        grad = q.mul_(-g_total)  # -q_j G for every class
+        if with_tail:  # + g_tail q_j / Q for the other classes (0 where kept: log_q is -inf)
+            grad += log_q.sub_(log_tail).exp_() * g[:, -1:]
+        grad.scatter_add_(-1, classes, g[:, : classes.shape[-1]])  # + g_j for kept classes
         grad_out.copy_(grad / temperature)
     return total.detach()
 
@@ -153,7 +148,8 @@ def sparse_divergence(
     parts = [targets.log_prob.reshape(n, k).float()]
     if k < vocab:
         parts.append(targets.tail.reshape(n, 1).float())
-    teacher = SparseRows(targets.classes.reshape(n, k).to(x.device), torch.cat(parts, -1))
+    classes = targets.classes.reshape(n, k).to(x.device, torch.int64)  # what gather takes
+    teacher = SparseRows(classes, torch.cat(parts, -1))
     weights = row_weights(n, mask, temperature**2 if t2_scale else 1.0, x.device)
     chunk = rows_per_chunk(vocab, memory_budget, TEMPORARIES)
     if weight is None:

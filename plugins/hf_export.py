@@ -10,6 +10,7 @@ twice: in onnxruntime directly, and through optimum's ORTModel class for the tas
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,9 @@ class HFExporter(ONNXExporter):
             real = x["attention_mask"].bool()  # optimum positions padding differently
             diffs.append(float((got - want).abs()[real].max()))
         details["optimum_max_abs_diff"] = max(diffs)
-        cached = _cached_generation_diff(model, graph, verify_inputs[-1][0])
+        cached, agreed = _cached_generation_check(model, graph, verify_inputs[-1][0])
         details["cached_generation_max_abs_diff"] = cached
+        details["greedy_tokens_equal"] = f"{agreed} of {GREEDY_TOKENS}"
         return max(*diffs, cached)
 
     def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
@@ -134,33 +136,71 @@ class HFExporter(ONNXExporter):
                 feeds[i.name] = np.zeros((mask.shape[0], heads, 0, width), np.float32)
         return time_session(session, feeds, repeats)
 
+    def generation_rate(self, path: Path, prompt: Inputs, new_tokens: int) -> float | None:
+        names = [i.name for i in ort_session(path).get_inputs()]
+        if not any(n.startswith("past_key_values") for n in names):
+            return None  # not a decoder with a cache
+        return generation_rate(path.parent, prompt, new_tokens)
 
-def _cached_generation_diff(model: Any, graph: fx.GraphModule, prompt: Inputs) -> float:
-    """Greedy steps through optimum (each reusing the cache) against the student graph run on
-    the whole sequence so far: the largest logit difference over the steps."""
+
+GREEDY_TOKENS = 32
+PROMPT_TOKENS = 16
+
+
+def _cached_generation_check(
+    model: Any, graph: fx.GraphModule, prompt: Inputs
+) -> tuple[float, int]:
+    """GREEDY_TOKENS greedy steps through optimum (each reusing the cache) against the student
+    graph run on the whole sequence so far: the largest logit difference over the steps, and
+    at how many steps PyTorch's greedy token is the one onnxruntime chose, a near tie (top-2
+    gap within twice that difference, where either choice is right) counting as agreed."""
     assert isinstance(prompt, dict)
     x = {k: v[:1].cpu() for k, v in prompt.items()}
-    length = int(x["attention_mask"].sum())
+    length = min(PROMPT_TOKENS, int(x["attention_mask"].sum()))
     x = {k: v[:, :length] for k, v in x.items()}
     with _quiet_optimum(), torch.no_grad():
         out = model.generate(
             **x,
-            max_new_tokens=4,
+            max_new_tokens=GREEDY_TOKENS,
+            min_new_tokens=GREEDY_TOKENS,
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
             pad_token_id=model.config.pad_token_id or 0,
         )
     sequence = out.sequences
-    diffs = []
-    for step, logits in enumerate(out.logits):
-        upto = length + step
-        ids = sequence[:, :upto]
-        with torch.no_grad():
-            want = call_model(graph, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-        got = torch.as_tensor(np.asarray(logits)).float()
-        diffs.append(float((got - want[:, -1].float().cpu()).abs().max()))
-    return max(diffs)
+    with torch.no_grad():  # one causal pass gives PyTorch's logits at every step's prefix
+        ids = sequence[:, :-1]
+        want = call_model(graph, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    want = want[0, length - 1 :].float().cpu()  # [steps, V]
+    got = torch.cat([torch.as_tensor(np.asarray(step)).float() for step in out.logits])
+    diff = float((got - want).abs().max())
+    # generate chose among the tokens min_new_tokens allows (no end of sequence): so do we
+    eos = model.generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    allowed = want.clone()
+    allowed[:, [i for i in ids if i < allowed.shape[-1]]] = float("-inf")
+    chosen = sequence[0, length:]
+    top2 = allowed.topk(2, dim=-1).values
+    near_tie = (top2[:, 0] - top2[:, 1]) <= 2 * diff
+    agreed = int(((allowed.argmax(-1) == chosen) | near_tie).sum())
+    return diff, agreed
+
+
+def generation_rate(folder: Path, prompt: Inputs, new_tokens: int) -> float:
+    """New tokens per second of optimum's greedy generate with its KV cache, batch 1, after
+    one untimed warm-up call."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    assert isinstance(prompt, dict)
+    with _quiet_optimum(), torch.no_grad():
+        model = ORTModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+        x = {k: v[:1] for k, v in prompt.items() if k in ("input_ids", "attention_mask")}
+        options = dict(do_sample=False, pad_token_id=model.config.pad_token_id or 0)
+        model.generate(**x, max_new_tokens=2, **options)
+        began = time.perf_counter()
+        model.generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+        return new_tokens / (time.perf_counter() - began)
 
 
 def _quiet_optimum() -> contextlib.AbstractContextManager[None]:

@@ -124,6 +124,10 @@ def test_taps_inside_a_decoder_train_evaluate_and_export_with_a_cache(
     assert export.ok, export.details
     assert export.details["optimum_max_abs_diff"] < 1e-4
     assert export.details["cached_generation_max_abs_diff"] < 1e-4
+    assert export.details["greedy_tokens_equal"] == "32 of 32"  # onnxruntime's = PyTorch's
+    for role in ("teacher", "student"):
+        assert summary.report["models"][role]["generation_tokens_per_s"]["hf"] > 0
+    assert "greedy tokens after a prompt" in (summary.run_dir / "report.md").read_text()
     folder = Path(export.details["folder"])
     assert any(name.startswith("past_key_values") for name in export.details["inputs"])
     assert json.loads((folder / "config.json").read_text())["use_cache"] is True

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import save_hf_folder
 
 from compressor.errors import CompressorError
@@ -189,3 +190,41 @@ def test_fused_head_takes_no_taps(models, tmp_path, registry):
     )
     with pytest.raises(CompressorError, match="takes no student or teacher tap"):
         build_plan(recipe, registry)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_fused_head_under_bf16_autocast_matches_unfused(sparse):
+    """As loss_terms runs on GPUs (CPU autocast here): the heads in bf16, the rest in fp32."""
+    from compressor.cuda import kernels, reference
+    from compressor.cuda.sparse import sparse_divergence, top_k_targets
+
+    torch.manual_seed(0)
+    hidden = torch.randn(24, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    teacher_hidden, teacher_weight = torch.randn(24, 16), torch.randn(300, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        if sparse:
+            targets = top_k_targets(teacher_hidden, 16, 2.0, teacher_weight)
+            got = sparse_divergence(hidden.bfloat16(), targets, temperature=2.0, weight=weight)
+            want = sparse_divergence(F.linear(hidden, weight), targets, temperature=2.0)
+        else:
+            got = kernels.linear_divergence(
+                hidden.bfloat16(),
+                weight,
+                teacher_hidden,
+                teacher_weight,
+                temperature=2.0,
+                impl="chunked",
+            )
+            want = reference.linear_divergence(
+                hidden, weight, teacher_hidden, teacher_weight, temperature=2.0
+            )
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3)
+    for g, w in zip(
+        torch.autograd.grad(got, [hidden, weight]),
+        torch.autograd.grad(want, [hidden, weight]),
+        strict=True,
+    ):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-3)

@@ -33,6 +33,7 @@ BUILTIN = {
     "ofa_branches",
     "mae_mask",
     "student_layers",
+    "fused_head",
     "hf_loaders",
     "transformer_losses",
     "hf_export",
@@ -59,6 +60,7 @@ def test_builtins_load_through_entry_points(registry):
     assert registry.names("module_pass") == ["student_layers"]
     assert registry.names("exporter") == ["hf", "hf_int8", "onnx", "onnx_int8"]
     assert registry.names("graph_pass") == [
+        "fused_head",
         "mae_mask",
         "ofa_branches",
         "strip",

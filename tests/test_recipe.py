@@ -72,7 +72,8 @@ def test_bad_loss_option_names_the_loss_and_its_options(write_recipe, registry):
         "(losses[0].temprature): unknown key 'temprature' (did you mean 'temperature'?)" in message
     )
     assert (
-        "allowed: beta, divergence, impl, student, t2_scale, teacher, temperature" in message
+        "allowed: beta, divergence, fused_head, impl, student, t2_scale, teacher, temperature"
+        in message
         and "[loss 'kd']" in message
     )
 

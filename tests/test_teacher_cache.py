@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_hf_folder
+from conftest import FAST_RECIPE, save_hf_folder
 
 from compressor import hookimpl
 from compressor.cuda import reference
@@ -232,8 +232,9 @@ class _StopAt:
             raise KeyboardInterrupt
 
 
-def test_a_resumed_run_reads_the_saved_cache(llama, tmp_path, registry):
-    recipe = load_recipe(_recipe(tmp_path, llama, "{top_k: 8}"))
+@pytest.mark.parametrize("cache", ["{top_k: 8}", "{}"])  # sparse targets; the head's input
+def test_a_resumed_run_reads_the_saved_cache(llama, tmp_path, registry, cache):
+    recipe = load_recipe(_recipe(tmp_path, llama, cache))
     whole = train(build_plan(recipe, registry), tmp_path / "whole", progress=False)
 
     stopping = Registry.load()
@@ -251,9 +252,35 @@ def test_a_resumed_run_reads_the_saved_cache(llama, tmp_path, registry):
     assert resumed.teacher_cache["steps_from_cache"] == whole.teacher_cache["steps_from_cache"] > 0
 
 
+def test_a_changed_recipe_does_not_resume_on_a_stale_cache(llama, tmp_path, registry):
+    recipe = load_recipe(_recipe(tmp_path, llama, "{top_k: 8}"))
+    train(build_plan(recipe, registry), tmp_path / "run", progress=False)
+    hotter = load_recipe(
+        _recipe(tmp_path, llama, "{top_k: 8}", "{name: kd, fused_head: true, temperature: 3.0}")
+    )
+    cache = TeacherCache(
+        build_plan(hotter, registry).cache_layout, tmp_path / "run" / "teacher_cache"
+    )
+    cache.load(12)
+    assert not cache.samples and "dropped" in cache.stats.notes[0]
+    assert not list((tmp_path / "run" / "teacher_cache").iterdir())
+
+
+def test_a_baseline_beside_a_cached_teacher(write_recipe):
+    """The baseline trains without a teacher, so without its cache; the distilled student
+    reads its teacher's logits and feature tap from the cache after the first epoch."""
+    text = FAST_RECIPE.replace("report:\n", "teacher_cache: {}\nreport:\n  baseline: true\n")
+    summary = run(load_recipe(write_recipe(text)), Registry.load(), progress=False)
+    assert summary.report["models"]["baseline"]["quality"]["accuracy"] > 0
+    assert summary.report["teacher_cache"]["steps_from_cache"] > 0
+
+
 def test_top_k_refuses_a_loss_that_would_lose_the_teachers_logits(llama, tmp_path, registry):
-    two = "{name: kd}\n  - {name: kd, temperature: 2.0, divergence: reverse_kl}"
+    both = "{name: kd}\n  - {name: embedding_mse}"  # the second reads the teacher's logits too
     with pytest.raises(CompressorError, match="keeps only as loss 'kd'"):
+        build_plan(load_recipe(_recipe(tmp_path, llama, "{top_k: 8}", both)), registry)
+    two = "{name: kd}\n  - {name: kd, temperature: 2.0, divergence: reverse_kl}"
+    with pytest.raises(CompressorError, match="would each keep sparse targets"):
         build_plan(load_recipe(_recipe(tmp_path, llama, "{top_k: 8}", two)), registry)
 
 
