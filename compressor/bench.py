@@ -4,6 +4,7 @@
     python -m compressor.bench losses --quick    smaller shapes, for a smoke run
     python -m compressor.bench partial           DMAE partial teacher execution: FLOPs, time
     python -m compressor.bench engine            the engine against a hand-written loop
+    python -m compressor.bench llm               SmolLM2 KD step: unfused, fused head, cached
 
 Each (case, method) runs in its own subprocess so peak memory is its own: on CPU the peak
 resident set after a warm-up (glibc told to return freed blocks at once, the high-water
@@ -149,8 +150,14 @@ def _run_one(case: Case, method: str) -> dict[str, Any]:
 
 
 def _subprocess(case: Case, method: str, env: dict[str, str]) -> dict[str, Any]:
+    return measure_in_subprocess(["_measure", json.dumps(case.__dict__), method], env)
+
+
+def measure_in_subprocess(args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """`python -m compressor.bench ARGS` in a fresh process: its last line of JSON, or
+    {"error": its last line of stderr}."""
     result = subprocess.run(
-        [sys.executable, "-m", "compressor.bench", "_measure", json.dumps(case.__dict__), method],
+        [sys.executable, "-m", "compressor.bench", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -268,12 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_measure":
         print(json.dumps(measure(Case(**json.loads(argv[1])), argv[2])))
         return 0
+    if argv and argv[0] == "_measure_llm":
+        from compressor.bench_llm import measure as measure_llm
+
+        print(json.dumps(measure_llm(argv[1], int(argv[2]))))
+        return 0
     parser = argparse.ArgumentParser(
         prog="python -m compressor.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", choices=["losses", "partial", "engine"])
+    parser.add_argument("suite", choices=["losses", "partial", "engine", "llm"])
     parser.add_argument("--quick", action="store_true", help="losses: small shapes, a smoke run")
     parser.add_argument(
         "--model",
@@ -287,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         "--ratio", type=float, default=0.75, help="partial: fraction of patches masked"
     )
     parser.add_argument("--batch", type=int, default=1024, help="partial: images per forward")
-    parser.add_argument("--reps", type=int, default=20, help="partial: timed forwards (median)")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="partial: timed forwards (20); llm: steps (3)"
+    )
     parser.add_argument("--steps", type=int, default=630, help="engine: training steps")
     parser.add_argument("--rounds", type=int, default=7, help="engine: interleaved rounds")
     args = parser.parse_args(argv)
@@ -297,8 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         from compressor.bench_engine import bench_engine
 
         bench_engine(args.steps, args.rounds)
+    elif args.suite == "llm":
+        from compressor.bench_llm import bench_llm
+
+        bench_llm(args.reps or 3)
     else:
-        bench_partial(args.model, args.block, args.ratio, args.batch, args.reps)
+        bench_partial(args.model, args.block, args.ratio, args.batch, args.reps or 20)
     return 0
 
 
