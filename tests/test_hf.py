@@ -319,7 +319,14 @@ report: {{latency_batches: [2], latency_repeats: 1}}
 """
     summary = run(load_recipe(_write(tmp_path, text)), registry, progress=False)
     student = summary.report["models"]["student"]
-    assert set(student["quality"]) == {"loss", "perplexity", "accuracy"}
+    # with a teacher of the same vocabulary, also how close the student is to it
+    assert set(student["quality"]) == {
+        "loss",
+        "perplexity",
+        "accuracy",
+        "kl_to_teacher",
+        "top1_agreement",
+    }
     (export,) = summary.exports
     assert export.ok, export.max_abs_diff
     import onnx
