@@ -106,6 +106,8 @@ def produce_teachers(
             plan_stages(recipe, registry)
     for where, path in pending:
         source = load_recipe(path, registry=registry)
+        if finished_run(source) is not None:  # named twice (e.g. by two stages): run once
+            continue
         produce_teachers(source, registry, progress, (*chain, recipe.path.resolve()))
         print(
             f"{recipe.locate(where)}: this model comes from {path}; training it first "

@@ -97,3 +97,17 @@ def test_a_recipe_cannot_teach_itself(tmp_path, capsys):
     teacher.write_text(teacher.read_text() + "teacher: {recipe: student.yaml}\n")
     assert main(["validate", str(recipe)]) == 2
     assert "already in this chain of teachers" in capsys.readouterr().err
+
+
+def test_a_teacher_recipe_named_by_several_stages_is_trained_once(tmp_path, capsys):
+    recipe = _write(tmp_path)
+    staged = recipe.read_text().replace(
+        "train: {steps: 10, eval_every: 10, checkpoint_every: 10}\n",
+        "train: {steps: 10, eval_every: 10, checkpoint_every: 10}\n"
+        "stages:\n"
+        "  - {name: first, teacher: {recipe: teacher.yaml}, steps: 5}\n"
+        "  - {name: second, teacher: {recipe: teacher.yaml}, steps: 5}\n",
+    )
+    recipe.write_text(staged)
+    assert main([str(recipe), "--quiet"]) == 0
+    assert capsys.readouterr().err.count("training it first") == 1
