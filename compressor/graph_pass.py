@@ -155,20 +155,21 @@ def resolve_tap(gm: fx.GraphModule, path: str) -> fx.Node:
         owner = node_module_path(node)
         if owner == path or owner.startswith(path + "."):
             value = node.meta.get("val")
-            if op and op not in _op_name(node):
+            if op and op not in op_name(node):
                 continue
             if value is None or isinstance(value, torch.Tensor):
                 found = node
     if found is None:
         available = module_paths(gm)
         if op and path in {p.partition(":")[0] for p in available}:
-            ops = sorted({_op_name(n) for n in gm.graph.nodes if node_module_path(n) == path})
+            ops = sorted({op_name(n) for n in gm.graph.nodes if node_module_path(n) == path})
             raise TapNotFound(f"{path}:{op}", [f"{path}:{o}" for o in ops])
         raise TapNotFound(path if not op else f"{path}:{op}", available)
     return found
 
 
-def _op_name(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
+    """The op a node calls, without overload: `softmax` for aten.softmax.int."""
     target = node.target
     name = getattr(target, "__name__", None) or str(target)
     return name.split(".")[0]  # aten ops print as softmax.int
@@ -267,7 +268,7 @@ def _is_impure(node: fx.Node) -> bool:
     if node.op == "call_function":
         if node.target in _STATEFUL_CALLS:
             return True
-        if _op_name(node).startswith(("_assert", "sym_constrain_range")):
+        if op_name(node).startswith(("_assert", "sym_constrain_range")):
             return False
     return node.is_impure(impure_random=False)
 

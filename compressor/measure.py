@@ -24,6 +24,7 @@ def measure(plan: DistillPlan, artifacts: list[Artifact]) -> dict[str, dict[str,
     """role -> parameters, state bytes, quality, latency (ms per runtime and batch), files."""
     report = plan.recipe.report
     batches = {b: latency_inputs(plan, b, report.latency_tokens) for b in report.latency_batches}
+    prompt = _prompt(plan)  # for artifacts that generate
     graphs: list[tuple[str, fx.GraphModule]] = [("student", plan.student_eval_graph)]
     if plan.teacher_eval_graph is not None:
         graphs.insert(0, ("teacher", plan.teacher_eval_graph))
@@ -51,7 +52,7 @@ def measure(plan: DistillPlan, artifacts: list[Artifact]) -> dict[str, dict[str,
                     str(b): artifact.exporter.latency(path, (x,), report.latency_repeats)
                     for b, x in batches.items()
                 }
-                rate = artifact.exporter.generation_rate(path, _prompt(plan), GENERATED_TOKENS)
+                rate = artifact.exporter.generation_rate(path, prompt, GENERATED_TOKENS)
             entry["latency_ms"][label] = {
                 b: None if t is None else t * 1e3 for b, t in timings.items()
             }

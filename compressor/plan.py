@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -306,7 +307,7 @@ def _cache_layout(recipe: Recipe, plan: DistillPlan) -> CacheLayout | None:
     node = original_output(plan.teacher_graph)
     shapes[OUTPUT] = node_shape(node) if isinstance(node, fx.Node) else None
     constants = {  # taps of parameters (a fused head's weight): kept once, not per sample
-        name: _attribute(plan.teacher_graph, str(tap.target))
+        name: operator.attrgetter(str(tap.target))(plan.teacher_graph)
         for name, tap in taps.items()
         if tap.op == "get_attr"
     }
@@ -338,13 +339,6 @@ def _cache_layout(recipe: Recipe, plan: DistillPlan) -> CacheLayout | None:
         default=str,
     )
     return CacheLayout(sequence_dims, compress, int(spec.memory_mb * 2**20), constants, fingerprint)
-
-
-def _attribute(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _check_sparse_readers(recipe: Recipe, losses: list[BoundLoss]) -> None:

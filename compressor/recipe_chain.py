@@ -91,11 +91,10 @@ def produce_teachers(
     """Run every teacher recipe of `recipe` (and theirs, first) whose run has not finished,
     once the whole chain, this recipe included, is valid: nothing trains for a recipe that
     would then fail."""
-    pending = [
-        (where, path)
-        for where, path in _checked(recipe, registry, chain)
-        if finished_run(load_recipe(path, registry=registry)) is None
+    sources = [
+        (w, p, load_recipe(p, registry=registry)) for w, p in _checked(recipe, registry, chain)
     ]
+    pending = [(w, p, source) for w, p, source in sources if finished_run(source) is None]
     if not pending:
         return
     if not chain:  # the first recipe checks the chain once, before anything trains
@@ -104,8 +103,7 @@ def produce_teachers(
         check_teachers(recipe, registry)
         with validation():
             plan_stages(recipe, registry)
-    for where, path in pending:
-        source = load_recipe(path, registry=registry)
+    for where, path, source in pending:
         if finished_run(source) is not None:  # named twice (e.g. by two stages): run once
             continue
         produce_teachers(source, registry, progress, (*chain, recipe.path.resolve()))

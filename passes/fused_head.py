@@ -27,6 +27,7 @@ from compressor.graph_pass import (
     PassResult,
     eliminate_dead_code,
     node_module_path,
+    op_name,
     original_output,
     set_outputs,
     tapped,
@@ -44,11 +45,6 @@ class FusedHeadOptions(BaseModel):
     head: str | None = Field(
         None, description="module path of the head (default: the linear layer giving the output)"
     )
-
-
-def _op(node: fx.Node) -> str:
-    name = getattr(node.target, "__name__", None) or str(node.target)
-    return name.split(".")[0]
 
 
 class FusedHead(GraphPass[FusedHeadOptions]):
@@ -86,7 +82,7 @@ class FusedHead(GraphPass[FusedHeadOptions]):
                 f"the {role} returns {type(node).__name__}, not one logits tensor; fused_head "
                 "needs a model whose output is its head's logits"
             )
-        while _op(node) in _CASTS and node.op != "call_module":
+        while op_name(node) in _CASTS and node.op != "call_module":
             node = node.args[0]
         is_linear = (node.op == "call_function" and node.target in _LINEAR_OPS) or (
             node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Linear)
@@ -94,7 +90,7 @@ class FusedHead(GraphPass[FusedHeadOptions]):
         where = node_module_path(node) or "the top-level module"
         if not is_linear:
             raise NodeError(
-                f"the {role}'s logits come from `{_op(node)}` in {where}, after its head: "
+                f"the {role}'s logits come from `{op_name(node)}` in {where}, after its head: "
                 "fused_head computes the head's own linear output, so a scale or soft-capping "
                 "applied to the logits would be optimised differently; use kd without "
                 "fused_head for this model",
