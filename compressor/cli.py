@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compressor import distributed
 from compressor.errors import CompressorError, RecipeError, RecipeErrors
 from compressor.graph_pass import (
     OUTPUT,
@@ -30,6 +32,7 @@ examples:
   compress examples/digits/recipe.yaml                 train, export and report
   compress examples/digits/recipe.yaml train.steps=50  override any recipe key
   compress examples/digits/recipe.yaml --resume        continue a killed run
+  compress examples/digits/recipe.yaml --nproc 2       data-parallel on 2 processes
   compress validate examples/digits/recipe.yaml        check a recipe without training
   compress graph examples/digits/recipe.yaml -o g.txt  show both graphs after all passes
   compress plugins                                     list plugins and what they provide
@@ -79,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train data-parallel on N processes of this machine (starts torchrun for you)",
+    )
     graph.add_argument("-o", "--output", type=Path, help="also write the listing to this file")
     bench = sub.add_parser(
         "bench",
@@ -162,20 +171,55 @@ def main(argv: list[str] | None = None) -> int:
             if args.output:
                 args.output.write_text(text + "\n")
             return 0
+        if args.nproc is not None:
+            return launch(args.nproc, argv)
         from compressor.pipeline import run
 
         summary = run(recipe, registry, args.resume, args.overwrite, not args.quiet, args.overrides)
-        print(summarize(summary.report, summary.run_dir))
+        if distributed.current().leader:
+            print(summarize(summary.report, summary.run_dir))
         return 0
     except (RecipeError, RecipeErrors) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{_rank()}: {exc}", file=sys.stderr)
         return 2
     except CompressorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{_rank()}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.leave()
+
+
+def _rank() -> str:
+    """Which rank speaks, in a run of several."""
+    world = distributed.current()
+    return f" (rank {world.rank} of {world.size})" if world.size > 1 else ""
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`compress RECIPE --nproc N`: the same command under torchrun, N ranks on this machine."""
+    if nproc < 1:
+        print("error: --nproc takes a number of processes >= 1", file=sys.stderr)
+        return 2
+    rest, words = [], iter(argv)
+    for word in words:
+        if word == "--nproc":
+            next(words, None)
+        elif not word.startswith("--nproc="):
+            rest.append(word)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={nproc}", "-m", "compressor", *rest]
+    code = subprocess.call(command)
+    if code != 0:
+        print(
+            f"error: the run on {nproc} processes failed; torchrun's summary above names the "
+            "rank that failed first. The last good checkpoint stays: continue with --resume, "
+            "on any number of processes",
+            file=sys.stderr,
+        )
+    return code
 
 
 def _take_plugin_options(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -22,8 +22,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from compressor.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from compressor.errors import CompressorError, RunFailed, TrainingStopped, failure
+from compressor import distributed
+from compressor.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_distributed_checkpoint,
+)
+from compressor.distributed import Parallel, is_distributed_checkpoint, load_distributed
+from compressor.errors import CompressorError, RecipeError, RunFailed, TrainingStopped, failure
 from compressor.plan import DistillPlan
 from compressor.recipe import DivergenceGuard
 from compressor.teacher_cache import TeacherCache
@@ -56,13 +63,13 @@ def train(
     plan: DistillPlan, run_dir: Path, resume: bool = False, progress: bool = True
 ) -> TrainResult:
     recipe, cfg, device = plan.recipe, plan.recipe.train, plan.device
+    world = distributed.current()
+    leader = world.leader  # the one writer of metrics and checkpoint pointers
     losses = nn.ModuleList([bound.term for bound in plan.losses])
-    params = plan.trainable_parameters()
-    optimizer = plan.optimizer.build(params)
-    scheduler = plan.schedule.build(optimizer, cfg.steps)
     checkpoints = run_dir / "checkpoints"
     metrics_path = run_dir / METRICS
     n_train = len(plan.data.train)
+    _check_split(plan, world)
     # Loss values and gradient norms are read back (and checked) only when logged, evaluated
     # or checkpointed: on a GPU every read is a device sync. A bad step is still reported at
     # the step it appeared, and no checkpoint is written after it.
@@ -71,35 +78,70 @@ def train(
     cache = None
     if plan.cache_layout is not None:
         cache = TeacherCache(plan.cache_layout, run_dir / "teacher_cache")
-    start, last_good = 0, None
+    start, last_good, saved = 0, None, None
     if resume:
         last_good = latest_checkpoint(checkpoints)
         if last_good is None:
             raise CompressorError(f"--resume: no checkpoint in {checkpoints}; run without --resume")
-        state = load_checkpoint(last_good, plan.student_graph, losses)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
         start = last_good.step
-        _truncate_metrics(metrics_path, start)
+        if not is_distributed_checkpoint(last_good.path):  # weights before any wrapping
+            saved = load_checkpoint(last_good, plan.student_graph, losses)
+    # the step across ranks; under FSDP the graphs now hold shards, so parameters come after
+    parallel = Parallel(plan, world, cfg.distributed)
+    params = plan.trainable_parameters()
+    optimizer = plan.optimizer.build(params)
+    scheduler = plan.schedule.build(optimizer, cfg.steps)
+    if resume:
+        assert last_good is not None
+        if saved is None:
+            saved = load_distributed(
+                last_good.path,
+                parallel.module,
+                optimizer,
+                {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+            )
+        elif world.size > 1:
+            names = distributed.trainable_names(parallel.module)
+            distributed.load_plain_optimizer(parallel.module, names, optimizer, saved["optimizer"])
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        if leader:
+            _truncate_metrics(metrics_path, start)
         if cache is not None:
             cache.load(start)
     else:
         torch.manual_seed(recipe.seed)
-        metrics_path.unlink(missing_ok=True)
+        if leader:
+            metrics_path.unlink(missing_ok=True)
         if cache is not None:
             cache.clear_folder()
+    share = parallel.teacher_share()
+    if share is not None and leader:  # what sharding saves, shown even with --quiet
+        held, total = share
+        print(
+            f"fsdp: each rank holds {held:,} of the teacher's {total:,} parameters "
+            f"({held / total:.1%}, {world.size} ranks)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def log(record: dict[str, Any]) -> None:
+        if not leader:
+            return
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         plan.hooks.compressor_metrics_logged(record=record, run_dir=run_dir)
 
     def score(step: int) -> dict[str, float]:
-        with failure(f"evaluation at step {step}: the student's eval graph"):
-            return plan.evaluator(plan.student_eval_graph)
+        with (
+            failure(f"evaluation at step {step}: the student's eval graph"),
+            parallel.full_weights(),
+        ):
+            return plan.evaluator(plan.student_eval_graph, shard=world)
 
-    bar = Progress(cfg.steps, start, enabled=progress)
+    bar = Progress(cfg.steps, start, enabled=progress and leader)
     initial_scores = score(0) if start == 0 else {}
     if initial_scores:  # the student as it starts: what distillation improves on
         log({"step": 0, **{f"eval/{k}": v for k, v in initial_scores.items()}})
@@ -107,12 +149,15 @@ def train(
     scores: dict[str, float] = {}
     pending: list[tuple[int, torch.Tensor, float]] = []  # (step, [terms, grad norm], lr) unread
 
-    guard = Divergence(cfg.divergence, read_metrics(metrics_path) if resume else [])
+    earlier = world.from_leader(read_metrics(metrics_path) if resume and leader else [])
+    guard = Divergence(cfg.divergence, earlier)
 
     def read_back() -> None:
         """Log the pending steps; stop on the first step whose loss is not finite or blows
         up, or whose gradient norm is not finite."""
-        values = torch.stack([row for _, row, _ in pending]).float().cpu().tolist()
+        rows = torch.stack([row for _, row, _ in pending]).double().cpu()
+        rows[:, :-1] = world.sum(rows[:, :-1])  # each rank's share of the terms; one norm
+        values = rows.tolist()
         for (step, _, lr), row in zip(pending, values, strict=True):
             *loss_values, grad_norm = row
             terms = dict(zip(labels, loss_values, strict=True))
@@ -128,20 +173,41 @@ def train(
         bar.show_terms({"loss": total, **terms})
         pending.clear()
 
+    # A step split across ranks or micro-batches weights each part's terms by its share of
+    # the step's units (samples or scored tokens): the parts then add up to the whole batch's
+    # terms, and the ranks' gradients (averaged by DDP and FSDP, hence the world size) to its
+    # gradient. One process, one micro-batch: the terms as they are.
+    split = world.size > 1 or cfg.grad_accum > 1
     unmeasured = torch.zeros((), device=device)  # the gradient norm of a step not read back
     began = time.perf_counter()
     for step in range(start, cfg.steps):
         indices = batch_indices(step, n_train, recipe.data.batch_size, recipe.seed)
-        x, y = plan.data.batch("train", indices, device)
+        parts = [p for p in world.slice(indices).tensor_split(cfg.grad_accum) if len(p)]
+        batches = [plan.data.batch("train", p, device) for p in parts]
+        weights: list[torch.Tensor | None] = [None] * len(parts)
+        if split:
+            units = [plan.loss_units(x, y) for x, y in batches]
+            whole = world.sum(torch.stack(units).sum(0)).clamp(min=1)
+            weights = [u / whole * world.size for u in units]
         step_began = time.perf_counter()
+        step_terms: torch.Tensor | None = None
         try:
-            terms = list(plan.loss_terms(x, y, cache, indices.tolist()).values())
             optimizer.zero_grad(set_to_none=True)
-            sum(terms[1:], terms[0]).backward()
+            for i, ((x, y), part, weight) in enumerate(zip(batches, parts, weights, strict=True)):
+                with parallel.accumulating(last=i == len(parts) - 1):
+                    terms = list(parallel.step(x, y, cache, part.tolist()).values())
+                    if weight is not None:
+                        terms = [t * w for t, w in zip(terms, weight.tolist(), strict=True)]
+                    sum(terms[1:], terms[0]).backward()
+                done_terms = torch.stack([t.detach().float() for t in terms])
+                step_terms = done_terms if step_terms is None else step_terms + done_terms
         except CompressorError:
             raise
         except Exception as exc:
             raise RunFailed(f"training step {step + 1}: {plan.part.name}", exc) from exc
+        assert step_terms is not None
+        if split:  # what is logged is this rank's share of the terms
+            step_terms = step_terms / world.size
         done = step + 1
         evaluate_now = done % cfg.eval_every == 0 or done == cfg.steps
         checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
@@ -157,13 +223,14 @@ def train(
             grad_norm = nn.utils.get_total_norm(grads, foreach=True)
         else:
             grad_norm = unmeasured
+        grad_norm = distributed.whole(grad_norm)
         optimizer.step()
         scheduler.step()
         if cache is not None:  # host time: on a GPU it trails the device by a few steps
             cache.stats.record(plan.teacher_from_cache, time.perf_counter() - step_began)
 
         # [terms..., grad norm], read back later
-        values = torch.stack([*(t.detach().float() for t in terms), grad_norm.float()])
+        values = torch.cat([step_terms, grad_norm.float().reshape(1)])
         pending.append((done, values, float(scheduler.get_last_lr()[0])))
         if read_now:
             read_back()
@@ -178,24 +245,38 @@ def train(
                 )
         if checkpoint_now:
             with bar.paused():
-                state = {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                }
+                state = {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
                 # the training graph holds the student's weights and what passes added to it
                 try:
                     if cache is not None:  # before the checkpoint that counts on it
                         cache.save(done)
-                    last_good = save_checkpoint(
-                        checkpoints, done, plan.student_graph, losses, state, cfg.keep_checkpoints
-                    )
+                    if world.size > 1:  # every rank its shards, the optimizer's included
+                        last_good = save_distributed_checkpoint(
+                            checkpoints,
+                            done,
+                            world,
+                            parallel.module,
+                            optimizer,
+                            state,
+                            cfg.keep_checkpoints,
+                        )
+                    else:
+                        state["optimizer"] = optimizer.state_dict()
+                        last_good = save_checkpoint(
+                            checkpoints,
+                            done,
+                            plan.student_graph,
+                            losses,
+                            state,
+                            cfg.keep_checkpoints,
+                        )
                 except Exception as exc:  # safetensors reports I/O errors as its own type
                     bar.close()
                     raise CompressorError(_unwritten(done, checkpoints, exc, last_good)) from exc
     bar.close()
+    parallel.close()  # the trained weights whole in the plain modules, on every rank
     seconds = time.perf_counter() - began
-    history = read_metrics(metrics_path)
+    history = world.from_leader(read_metrics(metrics_path) if leader else [])
     initial = {
         k.removeprefix("eval/"): v
         for r in history
@@ -206,6 +287,18 @@ def train(
     final = scores if start < cfg.steps else score(cfg.steps)  # the last step was evaluated
     summary = cache.stats.summary() if cache is not None else None
     return TrainResult(run_dir, cfg.steps, final, initial, history, seconds, summary)
+
+
+def _check_split(plan: DistillPlan, world: distributed.World) -> None:
+    """Every rank's every micro-batch gets at least one sample."""
+    cfg, batch = plan.recipe.train, min(plan.recipe.data.batch_size, len(plan.data.train))
+    if batch < world.size * cfg.grad_accum:
+        raise RecipeError(
+            plan.recipe.locate(("train", "grad_accum"), prefer_key=True),
+            f"a batch of {batch} cannot be split into {cfg.grad_accum} micro-batches on each "
+            f"of {world.size} ranks",
+            f"data.batch_size >= ranks x train.grad_accum ({world.size * cfg.grad_accum})",
+        )
 
 
 class Divergence:

@@ -9,12 +9,13 @@ call it on the student's eval-form graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
 
 from compressor.components import Component, OptionsT
+from compressor.distributed import SOLO, World
 from compressor.loading import DataBundle
 
 
@@ -34,6 +35,9 @@ class Evaluator(Component[OptionsT]):
     ends worse than it started or at chance."""
 
     context: EvalContext
+    # the ranks this evaluation is shared among (training under torchrun): `batch_starts`
+    # spreads the eval batches, and `shard.sum` / `shard.gather` combine what each rank scored
+    shard: World = SOLO
     primary: ClassVar[str | None] = None
     higher_is_better: ClassVar[bool] = True
 
@@ -71,13 +75,27 @@ class Evaluator(Component[OptionsT]):
         May return {} when the model has nothing this task can score."""
         raise NotImplementedError
 
-    def __call__(self, model: nn.Module) -> dict[str, float]:
+    def batch_starts(self) -> list[int]:
+        """The first eval sample of each eval batch this rank scores."""
+        return self.shard.mine(list(range(0, len(self.context.data.eval), self.context.batch_size)))
+
+    def batch(self, start: int) -> tuple[Any, torch.Tensor]:
+        """The eval batch from sample `start`, on the evaluation device."""
+        c = self.context
+        end = min(start + c.batch_size, len(c.data.eval))
+        return c.data.batch("eval", range(start, end), c.device)
+
+    def __call__(self, model: nn.Module, shard: World = SOLO) -> dict[str, float]:
+        """Metrics of `model`; with a `shard` of several ranks, every rank must call it (each
+        scores its part of the eval set) and all get the same metrics."""
         was_training = model.training
         if not isinstance(model, fx.GraphModule):  # exported graphs have their mode baked in
             model.eval()
+        self.shard = shard
         try:
             with torch.no_grad():
                 return self.evaluate(model)
         finally:
+            self.shard = SOLO
             if not isinstance(model, fx.GraphModule):
                 model.train(was_training)

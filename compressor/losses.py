@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from compressor.components import Component, OptionsT
+from compressor.loading import batch_size
 
 Shapes = dict[str, tuple[Any, ...] | None]
 
@@ -55,6 +56,13 @@ class LossTerm(Component[OptionsT], nn.Module):
         term reading logits may swap them for sparse targets), and for each value it adds,
         the dims (counting the batch dim) that follow the token count. Default: unchanged."""
         return teacher, {}
+
+    def units(self, batch: Any, target: torch.Tensor | None) -> torch.Tensor:
+        """How many things the term's value is a mean over on this batch: its samples, unless
+        the term averages over tokens (then the tokens it scores). A step split across ranks
+        or micro-batches weights each part by its share of these, so the parts add up to the
+        value on the whole batch."""
+        return torch.tensor(float(batch_size(batch)))
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError

@@ -6,6 +6,7 @@ broken recipe writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
@@ -15,6 +16,7 @@ from typing import Any
 
 from safetensors.torch import load_model, save_model
 
+from compressor import distributed
 from compressor.checkpoint import latest_checkpoint
 from compressor.engine import TrainResult, train
 from compressor.errors import CompressorError, ExportError, RecipeError, RunFailed, failure
@@ -47,7 +49,12 @@ def run(
     produced. Everything that can be checked is checked by the plan, before the run folder
     exists; a failure after that names its phase and leaves its traceback in error.log."""
     check_output(recipe)
-    produce_teachers(recipe, registry, progress)  # teachers other recipes train, first
+    # under torchrun: every rank plans and trains; rank 0 alone claims the folder, writes
+    # what is shared and does everything after training
+    world = distributed.join(recipe.device, recipe.train.distributed.timeout_s)
+    if world.leader:
+        produce_teachers(recipe, registry, progress)  # teachers other recipes train, first
+    world.barrier()
     stages = plan_stages(recipe, registry)
     plan = stages[-1][1]
     if recipe.report.baseline and recipe.stages is not None:
@@ -60,8 +67,10 @@ def run(
         build_plan(baseline_recipe(recipe), registry) if recipe.report.baseline else None
     )
     run_dir = recipe.run_dir()
-    with claim(run_dir, resume, overwrite) as folder:
-        _write_recipe_copy(recipe, run_dir, overrides)
+    with claim(run_dir, resume, overwrite) if world.leader else _Follower() as folder:
+        if world.leader:
+            _write_recipe_copy(recipe, run_dir, overrides)
+        world.barrier()  # the folder is ready for every rank's checkpoint shards
         try:
             if recipe.stages is None:
                 result = train(plan, run_dir, resume=resume, progress=progress)
@@ -73,6 +82,8 @@ def run(
                 base_dir = run_dir / "baseline"
                 base_resume = resume and latest_checkpoint(base_dir / "checkpoints") is not None
                 baseline = train(baseline_plan, base_dir, resume=base_resume, progress=progress)
+            if not world.leader:  # this rank's part is done
+                return RunSummary(run_dir, {}, [])
             with failure("saving the student"):
                 save_model(plan.student, str(run_dir / "student.safetensors"))
             exports = export_artifacts(plan, run_dir / "export")
@@ -82,12 +93,25 @@ def run(
             with failure("writing the report"):
                 registry.pm.hook.compressor_write_report(report=report, run_dir=run_dir)
         except RunFailed as exc:
+            if not world.leader:  # rank 0 alone writes error.log
+                trace = "".join(traceback.format_exception(exc.cause))
+                raise CompressorError(f"{exc}\n{trace}") from exc
             raise CompressorError(f"{exc}\n  {_log_failure(run_dir, exc.cause)}") from exc
     student_exports = [e for e in exports if e.role == "student"]
     failed = [e.result for e in student_exports if not e.result.ok]
     if failed:
         raise ExportError("; ".join(e.failure() for e in failed))
     return RunSummary(run_dir, report, [e.result for e in student_exports])
+
+
+class _Follower(contextlib.AbstractContextManager["_Follower"]):
+    """What a rank other than 0 holds in place of the claimed run folder."""
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def record(self) -> None:
+        pass
 
 
 def train_stages(
@@ -102,6 +126,7 @@ def train_stages(
     offset, seconds = 0, 0.0
     initial: dict[str, float] = {}
     final: dict[str, float] = {}
+    world = distributed.current()
     for i, (name, plan) in enumerate(stages):
         stage_dir = run_dir / "stages" / f"{i + 1}-{name}"
         done = stage_dir / "done.json"
@@ -109,11 +134,12 @@ def train_stages(
             summary = json.loads(done.read_text())
             load_model(plan.student, str(stage_dir / "student.safetensors"))
         else:
-            if progress:
+            if progress and world.leader:
                 print(f"stage {i + 1}/{len(stages)}: {name}", file=sys.stderr, flush=True)
             has_checkpoint = latest_checkpoint(stage_dir / "checkpoints") is not None
             result = train(plan, stage_dir, resume=resume and has_checkpoint, progress=progress)
-            save_model(plan.student, str(stage_dir / "student.safetensors"))
+            if world.leader:
+                save_model(plan.student, str(stage_dir / "student.safetensors"))
             summary = {
                 "name": name,
                 "steps": result.steps,
@@ -125,13 +151,15 @@ def train_stages(
                 "seconds": round(result.seconds, 2),
                 "history": result.history,
             }
-            done.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            if world.leader:
+                done.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            world.barrier()  # a stage is done for every rank before any resumes past it
         for record in summary["history"]:
             history.append({**record, "step": record["step"] + offset, "stage": name})
         # the final task's metric after every stage: what each stage contributed
         last = stages[-1][1]
         with failure(f"evaluation after stage {name!r}"):
-            summary["task_eval"] = last.evaluator(last.student_eval_graph)
+            summary["task_eval"] = last.evaluator(last.student_eval_graph, shard=world)
         initial = initial or summary["initial_eval"]
         final = summary["final_eval"]
         offset += summary["steps"]

@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
 
+from compressor import distributed
 from compressor.errors import (
     CaptureError,
     CompressorError,
@@ -148,6 +149,7 @@ class DistillPlan:
     notes: list[str] = field(default_factory=list)  # what passes chose, for validate
     cache_layout: CacheLayout | None = None  # teacher_cache: what a run's cache keeps
     teacher_from_cache: bool = False  # whether the last step's teacher values were cached
+    unreached: int = 0  # trainable parameters no loss reached in the rehearsal (a BERT pooler)
     # set as each part of `loss_terms` starts, so a failure can say which part it was
     part: StepPart = field(default_factory=lambda: StepPart("the training step", ()))
 
@@ -195,6 +197,13 @@ class DistillPlan:
         self.part = _BACKWARD_PART  # what the caller does next
         return terms
 
+    def loss_units(self, x: Inputs, y: torch.Tensor | None) -> torch.Tensor:
+        """[terms] float64 on the CPU: how many things each loss term averages over on batch
+        (x, y) (`LossTerm.units`), to weight the parts of a step split across ranks."""
+        return torch.stack(
+            [bound.term.units(x, y).detach().double().cpu() for bound in self.losses]
+        )
+
     def verify_inputs(self, batch: int = 64) -> list[tuple[Inputs, ...]]:
         """Eval samples on the CPU, at `batch` and at 1, to check exported artifacts with."""
         cpu = torch.device("cpu")
@@ -218,11 +227,13 @@ def _run(
 
 
 def select_device(recipe: Recipe) -> torch.device:
-    if recipe.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The recipe's device; under torchrun on GPUs, this rank's own GPU."""
     if recipe.device == "cuda" and not torch.cuda.is_available():
         raise RecipeError(recipe.locate(("device",)), "no CUDA GPU is visible", "auto, cpu")
-    return torch.device(recipe.device)
+    if recipe.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    world = distributed.current()
+    return torch.device("cuda", world.local_rank) if world.size > 1 else torch.device("cuda")
 
 
 def build_plan(recipe: Recipe, registry: Registry, student: nn.Module | None = None) -> DistillPlan:
@@ -289,6 +300,12 @@ def _cache_layout(recipe: Recipe, plan: DistillPlan) -> CacheLayout | None:
     if spec is None:
         return None
     where = recipe.locate(("teacher_cache",), prefer_key=True)
+    if distributed.launched():
+        raise RecipeError(
+            where,
+            "teacher_cache keeps one process's cache and is not available under torchrun",
+            "remove teacher_cache, or run in one process",
+        )
     if plan.teacher_graph is None:
         if recipe.stages is not None:  # a stage without a teacher has nothing to cache
             return None
@@ -800,6 +817,7 @@ def rehearse(plan: DistillPlan) -> None:
                 )
         with _located(plan, f"one training batch of {n}"):
             torch.stack([t.float() for t in terms.values()]).sum().backward()
+        plan.unreached = sum(p.grad is None for p in plan.trainable_parameters())
     finally:
         for p in plan.trainable_parameters():
             p.grad = None

@@ -109,8 +109,28 @@ class DivergenceGuard(Strict):
     window: int = Field(100, ge=5)
 
 
+class DistributedSpec(Strict):
+    """How the ranks of a torchrun launch share the work (ignored by a one-process run)."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every rank holds the whole student and teacher; fsdp: FSDP2 shards "
+        "the student, its optimizer state and the frozen teacher across the ranks",
+    )
+    teacher_reshard: bool = Field(
+        True,
+        description="fsdp: free the teacher's gathered weights after each forward (it has no "
+        "backward, so kept weights would hold the whole teacher on every rank)",
+    )
+    timeout_s: float = Field(1800, gt=0, description="how long a rank waits for the others")
+
+
 class TrainSpec(Strict):
     steps: int = Field(gt=0)
+    grad_accum: int = Field(
+        1, gt=0, description="micro-batches per step: the same step in less memory"
+    )
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     optimizer: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="adamw"))
     schedule: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="constant"))
     grad_clip: float | None = Field(None, gt=0)

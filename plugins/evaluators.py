@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +23,6 @@ from compressor.evaluate import EvalContext, Evaluator
 from compressor.hookspecs import hookimpl
 from compressor.loading import IGNORE, call_model
 from compressor.plugins.hf import mean_pool
-
-
-def _batches(context: EvalContext) -> range:
-    return range(0, len(context.data.eval), context.batch_size)
-
-
-def _indices(context: EvalContext, start: int) -> range:
-    return range(start, min(start + context.batch_size, len(context.data.eval)))
 
 
 class _TokenScores(Evaluator[NoOptions]):
@@ -52,8 +45,8 @@ class _TokenScores(Evaluator[NoOptions]):
         counting = self.label_counts is None  # the eval labels are counted once
         counts = torch.zeros(0, dtype=torch.long)
         teacher = c.teacher if self.versus_teacher and model is not c.teacher else None
-        for start in _batches(c):
-            x, y = c.data.batch("eval", _indices(c, start), c.device)
+        for start in self.batch_starts():
+            x, y = self.batch(start)
             logits = call_model(model, x).float()
             if self.next_token:  # position t predicts token t + 1
                 logits, y = logits[:, :-1].flatten(0, 1), y[:, 1:].flatten()
@@ -80,8 +73,20 @@ class _TokenScores(Evaluator[NoOptions]):
                 self.classes = logits.shape[-1]
                 seen = torch.bincount(y[scored].cpu(), minlength=self.classes)
                 counts = seen if counts.numel() == 0 else counts + seen
+        # each rank scored its part: the sums over all of them
+        sums = [loss_sum, kl_sum, correct, count, agree, compared, teacher is not None]
+        loss_sum, kl_sum, *tallies = self.shard.sum(
+            torch.tensor(sums, dtype=torch.float64)
+        ).tolist()
+        correct, count, agree, compared, with_teacher = (int(v) for v in tallies)
+        if with_teacher < self.shard.size:  # one rank found another vocabulary
+            teacher = None
         if counting:
-            self.label_counts = counts
+            classes = max(self.shard.gather(self.classes))
+            counts = torch.zeros(classes, dtype=torch.long).index_add_(
+                0, torch.arange(counts.numel()), counts
+            )
+            self.classes, self.label_counts = classes, self.shard.sum(counts)
         metrics = self.metrics(loss_sum / max(count, 1), correct / max(count, 1))
         if teacher is not None and compared:
             metrics["kl_to_teacher"] = kl_sum / compared
@@ -126,18 +131,30 @@ class NotAnEncoder(ValueError):
     pass
 
 
-def embeddings(model: nn.Module, context: EvalContext) -> torch.Tensor:
-    """Mean-pooled sentence embeddings [N, D] of a model that returns token states."""
-    out = []
-    for start in _batches(context):
-        x, _ = context.data.batch("eval", _indices(context, start), context.device)
+def embeddings(model: nn.Module, evaluator: Evaluator[Any]) -> torch.Tensor:
+    """Mean-pooled sentence embeddings [N, D] of a model that returns token states (every
+    rank's part of the eval set, in order)."""
+    out: list[tuple[int, torch.Tensor]] = []
+    problem = ""
+    for start in evaluator.batch_starts():
+        x, _ = evaluator.batch(start)
         if not isinstance(x, dict) or "attention_mask" not in x:
-            raise NotAnEncoder("embeddings need named text inputs with an attention_mask")
+            problem = "embeddings need named text inputs with an attention_mask"
+            break
         states = call_model(model, x).float()
         if states.dim() != 3:  # a classifier's logits: no token states to pool
-            raise NotAnEncoder(f"the model returns {tuple(states.shape)}, not token states")
-        out.append(mean_pool(states, x["attention_mask"]).cpu())
-    return torch.cat(out)
+            problem = f"the model returns {tuple(states.shape)}, not token states"
+            break
+        out.append((start, mean_pool(states, x["attention_mask"]).cpu()))
+    parts = evaluator.shard.gather((problem, out))
+    problems = [p for p, _ in parts if p]
+    if problems:  # every rank says so, together
+        raise NotAnEncoder(problems[0])
+    return torch.cat([e for _, e in sorted((pair for _, o in parts for pair in o), key=_first)])
+
+
+def _first(pair: tuple[int, torch.Tensor]) -> int:
+    return pair[0]
 
 
 def embedding_agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
@@ -183,7 +200,7 @@ class Embedding(Evaluator[NoOptions]):
             self._tried = True
             try:
                 with torch.no_grad():
-                    self._reference = embeddings(teacher, self.context)
+                    self._reference = embeddings(teacher, self)
             except NotAnEncoder:
                 self._reference = None
         return self._reference
@@ -193,7 +210,7 @@ class Embedding(Evaluator[NoOptions]):
         if reference is None:
             return {}
         try:
-            own = embeddings(model, self.context)
+            own = embeddings(model, self)
         except NotAnEncoder:  # e.g. a classifier in a general-distillation stage
             return {}
         return embedding_agreement(own, reference)

@@ -58,8 +58,12 @@ class LogitKD(LossTerm[KDOptions]):
             return {role: [fused_head.HIDDEN, fused_head.WEIGHT] for role in ("student", "teacher")}
         return {"student": [self.options.student], "teacher": [self.options.teacher]}
 
+    per_token = False  # over [B, T, V] logits (or a fused head's [B, T, H] inputs)
+
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
         o = self.options
+        read = student_shapes[fused_head.HIDDEN if o.fused_head else o.student]
+        self.per_token = read is not None and len(read) == 3
         if o.fused_head:  # head weights are [V, H]
             s, t = student_shapes[fused_head.WEIGHT], teacher_shapes[fused_head.WEIGHT]
             s, t = (shape[:1] if shape else None for shape in (s, t))
@@ -88,6 +92,11 @@ class LogitKD(LossTerm[KDOptions]):
         values |= {TOP_INDEX: targets.classes, TOP_LOG_PROB: targets.log_prob, TAIL: targets.tail}
         tokens = (1,) if hidden.dim() == 3 else ()  # [B, T, ...]: dim 1 follows the tokens
         return values, dict.fromkeys((TOP_INDEX, TOP_LOG_PROB, TAIL), tokens)
+
+    def units(self, batch: Any, target: torch.Tensor | None) -> torch.Tensor:
+        if not self.per_token:
+            return super().units(batch, target)
+        return scored_positions(batch, target).sum().float()
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         o = self.options
@@ -147,12 +156,23 @@ def token_mask(logits: torch.Tensor, inputs: LossInputs) -> torch.Tensor | None:
         return None
     target = inputs.target
     if target is not None and target.shape == logits.shape[:2]:
-        mask = torch.zeros_like(target, dtype=torch.bool)
-        mask[:, :-1] = target[:, 1:] != IGNORE  # position t predicts token t + 1
-        return mask
+        return scored_positions(inputs.batch, target)
     if isinstance(inputs.batch, dict) and "attention_mask" in inputs.batch:
         return inputs.batch["attention_mask"].bool()
     return None
+
+
+def scored_positions(batch: Any, target: torch.Tensor | None) -> torch.Tensor:
+    """[B, T] positions a per-token term scores: those whose next token is a label, with
+    per-token labels; else the real tokens; else every position."""
+    if target is not None and target.dim() == 2:
+        mask = torch.zeros_like(target, dtype=torch.bool)
+        mask[:, :-1] = target[:, 1:] != IGNORE  # position t predicts token t + 1
+        return mask
+    if isinstance(batch, dict) and "attention_mask" in batch:
+        return batch["attention_mask"].bool()
+    ids = next(iter(batch.values())) if isinstance(batch, dict) else batch
+    return torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
 
 
 class CEOptions(BaseModel):
@@ -169,6 +189,13 @@ class CrossEntropy(LossTerm[CEOptions]):
 
     def reads(self) -> dict[str, list[str]]:
         return {"student": [self.options.student], "teacher": []}
+
+    def units(self, batch: Any, target: torch.Tensor | None) -> torch.Tensor:
+        """The labels it scores: next tokens for per-token labels, else the samples'."""
+        if target is None:
+            return super().units(batch, target)
+        scored = target[:, 1:] if target.dim() == 2 else target
+        return (scored != IGNORE).sum().float()
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         if inputs.target is None:

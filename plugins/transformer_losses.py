@@ -10,7 +10,7 @@ the block index, e.g. `encoder.layer.{}`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,12 @@ class _LayerMapLoss(LossTerm[LayerMapOptions]):
     def reads(self) -> dict[str, list[str]]:
         pairs = self.options.pairs()
         return {"student": [s for s, _ in pairs], "teacher": [t for _, t in pairs]}
+
+    def units(self, batch: Any, target: torch.Tensor | None) -> torch.Tensor:
+        """Real tokens: every pair's value is a mean over them."""
+        if isinstance(batch, dict) and "attention_mask" in batch:
+            return batch["attention_mask"].sum().float()
+        return super().units(batch, target)
 
 
 class HiddenMSE(_LayerMapLoss):

@@ -8,6 +8,7 @@ fault:
 - `fsize_in_checkpoint:N` a file-size limit of 1 KiB from step N's checkpoint on: its writes fail
 - `kill_in_export`        SIGKILL after export, with the first artifact cut to half its size
 - `kill_in_report`        SIGKILL with report.json half written
+- `kill_rank_at_step:R:N` under torchrun: rank R SIGKILLs itself as step N begins
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import compressor.checkpoint
+import compressor.engine
 import compressor.pipeline
 from compressor import hookimpl
 
@@ -66,5 +68,16 @@ def _faulty_export(plan: Any, out_dir: Path) -> Any:
     return artifacts
 
 
+_batch_indices = compressor.engine.batch_indices
+
+
+def _faulty_batch_indices(step: int, *args: Any, **kwargs: Any) -> Any:
+    rank, _, at = ARG.partition(":")
+    if FAULT == "kill_rank_at_step" and os.environ.get("RANK") == rank and step + 1 == int(at):
+        _die()
+    return _batch_indices(step, *args, **kwargs)
+
+
 compressor.checkpoint.save_model = _faulty_save_model
+compressor.engine.batch_indices = _faulty_batch_indices
 compressor.pipeline.export_artifacts = _faulty_export
