@@ -5,6 +5,7 @@
     python -m compressor.bench partial           DMAE partial teacher execution: FLOPs, time
     python -m compressor.bench engine            the engine against a hand-written loop
     python -m compressor.bench llm               SmolLM2 KD step: unfused, fused head, cached
+    python -m compressor.bench distributed       1 against 2 processes; DDP against FSDP memory
 
 Each (case, method) runs in its own subprocess so peak memory is its own: on CPU the peak
 resident set after a warm-up (glibc told to return freed blocks at once, the high-water
@@ -280,12 +281,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(measure_llm(argv[1], int(argv[2]))))
         return 0
+    if argv and argv[0] == "_dist_memory":
+        from compressor.bench_distributed import memory_worker
+
+        result = memory_worker(argv[1])
+        if result["ranks"] is not None and os.environ.get("RANK", "0") == "0":
+            print(json.dumps(result))
+        return 0
     parser = argparse.ArgumentParser(
         prog="python -m compressor.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", choices=["losses", "partial", "engine", "llm"])
+    parser.add_argument("suite", choices=["losses", "partial", "engine", "llm", "distributed"])
     parser.add_argument("--quick", action="store_true", help="losses: small shapes, a smoke run")
     parser.add_argument(
         "--model",
@@ -302,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reps", type=int, default=None, help="partial: timed forwards (20); llm: steps (3)"
     )
-    parser.add_argument("--steps", type=int, default=630, help="engine: training steps")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="engine: training steps (630); distributed (60)"
+    )
     parser.add_argument("--rounds", type=int, default=7, help="engine: interleaved rounds")
     args = parser.parse_args(argv)
     if args.suite == "losses":
@@ -310,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.suite == "engine":
         from compressor.bench_engine import bench_engine
 
-        bench_engine(args.steps, args.rounds)
+        bench_engine(args.steps or 630, args.rounds)
+    elif args.suite == "distributed":
+        from compressor.bench_distributed import bench_distributed
+
+        bench_distributed(args.steps or 60)
     elif args.suite == "llm":
         from compressor.bench_llm import bench_llm
 

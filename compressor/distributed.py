@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import operator
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 from compressor.errors import CompressorError
+from compressor.graph_pass import output_node
 
 if TYPE_CHECKING:
     from compressor.plan import DistillPlan
@@ -186,17 +189,26 @@ class Parallel:
         from torch.distributed.fsdp import fully_shard
 
         plan = self.plan
-        graphs = [plan.student_graph]
-        if plan.teacher_graph is not None and any(True for _ in plan.teacher_graph.parameters()):
-            graphs.append(plan.teacher_graph)
-        for gm in graphs:
-            self._plain.append((gm, dict(gm.named_parameters())))
-        fully_shard(plan.student_graph)
+        student = plan.student_graph
+        teacher = plan.teacher_graph
+        if teacher is not None and not any(True for _ in teacher.parameters()):
+            teacher = None
+        # A graph that returns parameters (the fused head's lm_head weight) hands the loss a
+        # view of gathered weights, which resharding after the forward would free: the student
+        # keeps its weights gathered until its backward, the teacher keeps those few whole.
+        graphs = [gm for gm in (student, teacher) if gm is not None]
+        before = [dict(gm.named_parameters()) for gm in graphs]  # what the plain modules hold
+        student_returns = bool(_returned_parameters(student))
+        fully_shard(student, reshard_after_forward=not student_returns)
         fully_shard(self.module)  # the losses' projections, and the step's root
-        if len(graphs) > 1:
-            # the teacher runs forward only: resharding after it is what keeps 1/N per rank
+        kept: set[nn.Parameter] = set()
+        if teacher is not None:
+            kept = _returned_parameters(teacher)
+            # it runs forward only: resharding after it is what keeps 1/N per rank
             reshard = spec.teacher_reshard if spec is not None else True
-            fully_shard(graphs[1], reshard_after_forward=reshard)
+            fully_shard(teacher, reshard_after_forward=reshard, ignored_params=kept or None)
+        for gm, params in zip(graphs, before, strict=True):
+            self._plain.append((gm, {n: p for n, p in params.items() if p not in kept}))
         for _, plain in self._plain:  # the shards are copies: free the whole tensors
             for p in plain.values():
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
@@ -265,6 +277,17 @@ class Parallel:
                 value = whole[name]
                 assert isinstance(value, torch.Tensor)
                 p.data = value.to(p.device)
+
+
+def _returned_parameters(gm: fx.GraphModule) -> set[nn.Parameter]:
+    """Parameters the graph returns as they are (taps of get_attr nodes)."""
+    found: set[nn.Parameter] = set()
+    for node in tree_leaves(output_node(gm).args):
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            value = operator.attrgetter(str(node.target))(gm)
+            if isinstance(value, nn.Parameter):
+                found.add(value)
+    return found
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
