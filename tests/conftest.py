@@ -99,6 +99,24 @@ def save_hf_folder(root: Path, name: str, model: torch.nn.Module) -> Path:
     return folder
 
 
+def tiny_llama_folder(root: Path, tied: bool = False) -> Path:
+    """A 3-layer Llama causal LM with MiniLM's vocabulary, seeded, saved as a folder
+    (`tied`: its lm_head is the embedding table, as in SmolLM2)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=30522,
+        intermediate_size=64,
+        tie_word_embeddings=tied,
+    )
+    return save_hf_folder(root, "llama", transformers.LlamaForCausalLM(config))
+
+
 def install_outside(package: Path, target: Path) -> Path:
     """`package` pip-installed the way a user would, into `target`, a folder outside the repo."""
     subprocess.run(

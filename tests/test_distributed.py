@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DIGITS, FAST_RECIPE, ROOT, TESTS, run_compress, save_hf_folder
+from conftest import DIGITS, FAST_RECIPE, ROOT, TESTS, run_compress, tiny_llama_folder
 
 from compressor.checkpoint import latest_checkpoint
 from compressor.distributed import World, is_distributed_checkpoint
@@ -124,18 +124,7 @@ def test_minilm_on_two_ranks_weights_tokens_like_one_process(tmp_path):
 def test_fsdp_keeps_the_heads_a_fused_kd_reads_whole(tmp_path):
     """The fused head's loss reads both lm_head weights from the graphs: the teacher's stays
     unsharded (tied here: the embedding too), the student's gathered until its backward."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=30522,
-        tie_word_embeddings=True,
-    )
-    folder = save_hf_folder(tmp_path, "llama", transformers.LlamaForCausalLM(config))
+    folder = tiny_llama_folder(tmp_path, tied=True)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""\
 teacher: {{loader: hf, model: {folder}, task: causal-lm}}

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST_RECIPE, save_hf_folder
+from conftest import FAST_RECIPE, tiny_llama_folder
 
 from compressor import hookimpl
 from compressor.cuda import reference
@@ -152,18 +152,7 @@ def test_samples_read_back_at_another_batchs_token_length(tmp_path):
 # -- runs ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=30522,
-        intermediate_size=64,
-    )
-    return save_hf_folder(
-        tmp_path_factory.mktemp("cache"), "llama", transformers.LlamaForCausalLM(config)
-    )
+    return tiny_llama_folder(tmp_path_factory.mktemp("cache"))
 
 
 def _recipe(
