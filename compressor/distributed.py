@@ -132,8 +132,13 @@ def join(device: str, timeout_s: float | None = None) -> World:
 
 
 def leave() -> None:
+    """End this process's part of the run. The ranks leave together: one that tears its
+    process group down while another still holds connections to it (rank 0 exporting) can
+    abort either, so each waits at a last barrier first."""
     global _current
     if dist.is_initialized():
+        with contextlib.suppress(Exception):  # a peer that already failed: nothing to wait for
+            dist.barrier()
         dist.destroy_process_group()
     _current = SOLO
 
