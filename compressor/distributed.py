@@ -214,9 +214,7 @@ class Parallel:
             fully_shard(teacher, reshard_after_forward=reshard, ignored_params=kept or None)
         for gm, params in zip(graphs, before, strict=True):
             self._plain.append((gm, {n: p for n, p in params.items() if p not in kept}))
-        for _, plain in self._plain:  # the shards are copies: free the whole tensors
-            for p in plain.values():
-                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self._release()  # the shards are copies
 
     @contextlib.contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:
@@ -234,7 +232,7 @@ class Parallel:
         """(teacher parameters this rank holds, all of them) under FSDP, else None."""
         if self.strategy != "fsdp" or len(self._plain) < 2:
             return None
-        gm, plain = self._plain[1]
+        gm, _ = self._plain[1]
         held = sum(_local(p).numel() for p in gm.parameters())
         total = sum(_global_numel(p) for p in gm.parameters())
         return held, total
@@ -250,9 +248,13 @@ class Parallel:
         try:
             yield
         finally:
-            for _, plain in self._plain:
-                for p in plain.values():
-                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            self._release()
+
+    def _release(self) -> None:
+        """Free the whole tensors the plain parameters hold (the shards hold the weights)."""
+        for _, plain in self._plain:
+            for p in plain.values():
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
     def close(self) -> None:
         """The plain parameters back in the graphs, holding the trained weights: what exports,
