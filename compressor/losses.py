@@ -34,6 +34,7 @@ class LossTerm(Component[OptionsT], nn.Module):
     engine calls `forward` every step with the values (`LossInputs`)."""
 
     needs_teacher: ClassVar[bool] = True
+    default_weight: ClassVar[float] = 1.0  # the weight when the recipe gives none
 
     def __init__(self, options: OptionsT | None = None):
         nn.Module.__init__(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import fnmatch
 import itertools
 import json
 import operator
@@ -247,6 +248,7 @@ def build_plan(recipe: Recipe, registry: Registry, student: nn.Module | None = N
     data = load_data(recipe, components.data_loader)
     module_notes: list[str] = []
     teacher, student = load_models(recipe, components, student, device, data, module_notes)
+    _choose_trainable(recipe, student, module_notes)
     _report(
         recipe,
         registry.pm.hook.compressor_validate_models(
@@ -445,7 +447,9 @@ def build_components(recipe: Recipe, registry: Registry, load_student: bool = Tr
     losses = []
     for i, spec in enumerate(recipe.losses):
         term = make("loss", spec.name, spec.options, ("losses", i))
-        losses.append(BoundLoss(_label(spec.name, recipe.losses[:i]), spec.weight, term, i))
+        # an unknown loss (term None) is already a collected error
+        weight = spec.weight if spec.weight is not None else getattr(term, "default_weight", 1.0)
+        losses.append(BoundLoss(_label(spec.name, recipe.losses[:i]), weight, term, i))
     optimizer = make(
         "optimizer",
         recipe.train.optimizer.name,
@@ -498,14 +502,20 @@ def _graph_passes(
         # a recipe entry replaces the default pass of that name (e.g. `tap` with extra nodes)
         passes = [(t, p) for t, p in passes if p.name != graph_pass.name]
         passes.append((spec.target, graph_pass))
-    # a loss reading an `@name` tap brings the pass that provides it, with default options
-    wanted = [n for term in terms for names in term.reads().values() for n in names]
-    for name in dict.fromkeys(wanted):
+    # a loss reading an `@name` tap brings the pass that provides it, with default options,
+    # for the roles that read it
+    readers: dict[str, set[str]] = {}
+    for term in terms:
+        for role, names in term.reads().items():
+            for name in names:
+                readers.setdefault(name, set()).add(role)
+    for name, roles in readers.items():
         if name.startswith(PROVIDED) and not any(name in p.provides_taps for _, p in passes):
             table = registry.components["graph_pass"].values()
             providers = [p for p in table if name in getattr(p.cls, "provides_taps", ())]
             if providers:
-                passes.append(("both", registry.create("graph_pass", providers[0].name, {})))
+                target = "both" if len(roles) > 1 else next(iter(roles))
+                passes.append((target, registry.create("graph_pass", providers[0].name, {})))
     return passes
 
 
@@ -590,6 +600,29 @@ def load_models(
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     return teacher, student
+
+
+def _choose_trainable(recipe: Recipe, student: nn.Module, notes: list[str]) -> None:
+    """Train the student parameters `train.trainable` matches (all without it)."""
+    patterns = recipe.train.trainable
+    named = list(student.named_parameters())
+    if patterns is None:
+        for _, p in named:
+            p.requires_grad_(True)
+        return
+    for i, pattern in enumerate(patterns):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in named):
+            raise RecipeError(
+                recipe.locate(("train", "trainable", i)),
+                f"pattern {pattern!r} matches no student parameter",
+                "glob patterns over names such as " + ", ".join(n for n, _ in named[:4]),
+            )
+    trained = 0
+    for name, p in named:
+        p.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns))
+        trained += p.numel() if p.requires_grad else 0
+    total = sum(p.numel() for _, p in named)
+    notes.append(f"train.trainable: {trained:,} of {total:,} student parameters are trained")
 
 
 def _check_finite_weights(recipe: Recipe, role: str, module: nn.Module) -> None:

@@ -56,8 +56,11 @@ class ComponentSpec(BaseModel):
 
 
 class LossSpec(ComponentSpec):
-    weight: float = Field(
-        1.0, ge=0, description="a negative weight would maximise the term, which diverges"
+    weight: float | None = Field(
+        None,
+        ge=0,
+        description="default: the term's own (1 for most; 0.01 for moe_balance); a negative "
+        "weight would maximise the term, which diverges",
     )
 
 
@@ -134,6 +137,11 @@ class TrainSpec(Strict):
     optimizer: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="adamw"))
     schedule: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="constant"))
     grad_clip: float | None = Field(None, gt=0)
+    trainable: list[str] | None = Field(
+        None,
+        description="glob patterns of the student parameters to train (`*.mlp.experts.*`); "
+        "the rest stay frozen and out of the optimizer. Default: all",
+    )
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(100, gt=0)
