@@ -24,6 +24,7 @@ from compressor.export import ExportResult
 from compressor.hookspecs import hookimpl
 from compressor.loading import Inputs, batch_size, call_model, to_device
 from compressor.plugins.hf import TASKS, HFModule
+from compressor.plugins.hf_moe import checkpoint_model, export_safe_moe
 from compressor.plugins.onnx_export import (
     ONNXExporter,
     export_onnx,
@@ -92,7 +93,7 @@ class HFExporter(ONNXExporter):
         from optimum.exporters.onnx import main_export
         from optimum.onnxruntime import ORTModelForCausalLM
 
-        with _quiet_optimum():
+        with _quiet_optimum(), export_safe_moe():
             main_export(
                 str(folder),
                 output=str(folder),
@@ -256,9 +257,11 @@ def _require_hf_module(exporter: str, module: nn.Module) -> None:
 
 
 def _write_hf_files(module: HFModule, folder: Path) -> None:
-    """config.json, the weights and the tokenizer: what makes a folder a model folder."""
+    """config.json, the weights and the tokenizer: what makes a folder a model folder (an
+    upcycled student's in the Qwen2-MoE layout)."""
     folder.mkdir(parents=True, exist_ok=True)
-    module.hf_model.save_pretrained(str(folder), safe_serialization=True)
+    model = checkpoint_model(module.hf_model, for_optimum=module.task == "causal-lm")
+    model.save_pretrained(str(folder), safe_serialization=True)
     if module.tokenizer is not None:
         module.tokenizer.save_pretrained(str(folder))
 

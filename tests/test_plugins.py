@@ -32,6 +32,9 @@ BUILTIN = {
     "strip",
     "ofa_branches",
     "mae_mask",
+    "moe_upcycle",
+    "router_logits",
+    "moe_losses",
     "student_layers",
     "fused_head",
     "hf_loaders",
@@ -55,14 +58,16 @@ def test_builtins_load_through_entry_points(registry):
         "feature_mse",
         "hidden_mse",
         "kd",
+        "moe_balance",
         "ofa",
     ]
-    assert registry.names("module_pass") == ["student_layers"]
+    assert registry.names("module_pass") == ["moe_routing", "moe_upcycle", "student_layers"]
     assert registry.names("exporter") == ["hf", "hf_int8", "onnx", "onnx_int8"]
     assert registry.names("graph_pass") == [
         "fused_head",
         "mae_mask",
         "ofa_branches",
+        "router_logits",
         "strip",
         "tap",
         "truncate_teacher",
@@ -79,7 +84,7 @@ def test_plugins_command_lists_origin_and_what_each_provides(capsys):
 
 
 def test_disabling_a_builtin_removes_what_it_provides(write_recipe, capsys):
-    registry = Registry.load(disabled=["losses", "transformer_losses"])
+    registry = Registry.load(disabled=["losses", "transformer_losses", "moe_losses"])
     assert registry.names("loss") == []
     assert "kd" not in Registry.load(disabled=["losses"]).names("loss")
     assert main(["-p", "no:losses", "validate", str(write_recipe())]) == 2
