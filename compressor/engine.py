@@ -238,8 +238,13 @@ def train(
         if evaluate_now:
             with bar.paused():
                 scores = score(done)
-            if scores:  # a stage may have no metric of its own (general distillation)
-                log({"step": done, **{f"eval/{k}": v for k, v in scores.items()}})
+            seen = {
+                f"{bound.label}/{name}": value
+                for bound in plan.losses
+                for name, value in bound.term.observed().items()
+            }
+            if scores or seen:  # a stage may have no metric of its own (general distillation)
+                log({"step": done, **{f"eval/{k}": v for k, v in scores.items()}, **seen})
                 bar.note(
                     f"eval at step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
                 )

@@ -67,3 +67,9 @@ class LossTerm(Component[OptionsT], nn.Module):
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def observed(self) -> dict[str, float]:
+        """What the term measured on its last training batch, beyond its value (an MoE
+        block's expert load), logged at every evaluation as `<label>/<name>` and shown in
+        the report. Called rarely, so it may read values back from the device. Default: {}."""
+        return {}

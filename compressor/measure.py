@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from compressor.errors import failure
 from compressor.export import Artifact
@@ -41,6 +41,7 @@ def measure(plan: DistillPlan, artifacts: list[Artifact]) -> dict[str, dict[str,
                     t.numel() * t.element_size() for t in graph.state_dict().values()
                 ),
                 "quality": plan.evaluator(graph),
+                **_active_parameters(plan.student if role == "student" else plan.teacher),
                 "latency_ms": {"pytorch": pytorch},  # on report["device"]
                 "files": {},
             }
@@ -102,3 +103,18 @@ def _latency(graph: fx.GraphModule, x: Inputs, repeats: int, plan: DistillPlan) 
             sync()
             times.append(time.perf_counter() - began)
     return statistics.median(times) * 1e3
+
+
+def _active_parameters(module: nn.Module | None) -> dict[str, int]:
+    """{"active_parameters": n} for a model some of whose parameters each token skips: the
+    modules that route tokens say how many of theirs idle per token (`idle_parameters()`,
+    as a mixture of experts does); {} for a model that uses all of them."""
+    if module is None:
+        return {}
+    idle = sum(
+        int(m.idle_parameters())  # type: ignore[operator, misc]
+        for m in module.modules()
+        if callable(getattr(m, "idle_parameters", None))
+    )
+    total = sum(p.numel() for p in module.parameters())
+    return {"active_parameters": total - idle} if idle else {}

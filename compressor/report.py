@@ -69,9 +69,22 @@ def build_report(
         }
     if stages:
         report["stages"] = stages
+    observed = _last_observed(result.history, [b.label for b in plan.losses])
+    if observed:
+        report["observed"] = observed
     if result.teacher_cache is not None:
         report["teacher_cache"] = result.teacher_cache
     return report
+
+
+def _last_observed(history: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    """What the loss terms observed (`LossTerm.observed`) at the last evaluation that has it."""
+    prefixes = tuple(f"{label}/" for label in labels)
+    for record in reversed(history):
+        seen = {k: v for k, v in record.items() if k.startswith(prefixes)}
+        if seen:
+            return {"step": record["step"], **seen}
+    return {}
 
 
 def export_check(entry: dict[str, Any]) -> str:

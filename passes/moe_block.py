@@ -81,6 +81,11 @@ class MoEBlock(nn.Module):
     def renormalize(self) -> bool:
         return self.route.renormalize
 
+    def idle_parameters(self) -> int:
+        """Parameters a token does not use: the routed experts it is not sent to."""
+        routed = sum(p.numel() for p in self.experts.parameters())
+        return routed - routed * self.top_k // self.num_experts
+
     def forward(self, hidden_states: torch.Tensor) -> Any:
         routed_in = hidden_states
         if self.training and self.jitter > 0:  # Switch Transformer's multiplicative noise

@@ -322,14 +322,9 @@ def _kmeans_router(x: torch.Tensor, experts: int, generator: torch.Generator) ->
 
 
 def parameter_counts(module: nn.Module) -> tuple[int, int]:
-    """(all parameters, parameters active for one token): a block's routed experts count
-    top_k / experts of their parameters as active."""
+    """(all parameters, parameters active for one token)."""
     total = sum(p.numel() for p in module.parameters())
-    idle = 0
-    for block in module.modules():
-        if isinstance(block, MoEBlock):
-            routed = sum(p.numel() for p in block.experts.parameters())
-            idle += routed - routed * block.top_k // block.num_experts
+    idle = sum(b.idle_parameters() for b in module.modules() if isinstance(b, MoEBlock))
     return total, total - idle
 
 

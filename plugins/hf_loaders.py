@@ -190,8 +190,12 @@ def trim_padding(items: list[Any]) -> Batch:
     longest text (columns where every attention_mask entry is 0 change nothing but cost
     time)."""
     inputs, target = default_collate(items)
-    mask = inputs["attention_mask"]
-    used = mask.any(0).nonzero()
+    return trim_columns(inputs, target)
+
+
+def trim_columns(inputs: dict[str, torch.Tensor], target: torch.Tensor) -> Batch:
+    """Rows [N, T] cut to the longest attention mask in the batch."""
+    used = inputs["attention_mask"].any(0).nonzero()
     length = max(2, int(used.max()) + 1) if len(used) else 2  # 1 would specialise in export
     inputs = {k: v[:, :length] if v.dim() == 2 else v for k, v in inputs.items()}
     if target.dim() == 2:  # per-token labels

@@ -49,6 +49,7 @@ class MoEBalance(LossTerm[BalanceOptions]):
         if mask is not None and mask.numel() == logits.shape[1]:
             keep = mask.reshape(-1).bool()
             logits, sent = logits[:, keep], sent[:, keep]
+        self._last_slots = sent.sum(1).detach()  # [L, E] routing slots per expert
         experts = logits.shape[-1]
         share = sent.mean(1) / sent.sum(-1).mean(1, keepdim=True).clamp(min=1)  # f_e [L, E]
         probability = F.softmax(logits, dim=-1).mean(1)  # P_e [L, E]
@@ -57,15 +58,19 @@ class MoEBalance(LossTerm[BalanceOptions]):
             loss = loss + self.options.z_loss * torch.logsumexp(logits, -1).square().mean()
         return loss
 
+    def observed(self) -> dict[str, float]:
+        """Each expert's share of the routing slots on the last batch, averaged over the MoE
+        blocks (1/E each when balanced), and the largest share in any block."""
+        slots = getattr(self, "_last_slots", None)
+        if slots is None:
+            return {}
+        load = (slots / slots.sum(-1, keepdim=True).clamp(min=1)).cpu()  # [L, E]
+        shares = {f"load_expert_{e}": float(v) for e, v in enumerate(load.mean(0))}
+        return {**shares, "load_max": float(load.max())}
+
 
 def _token_mask(batch: Any) -> torch.Tensor | None:
     return batch.get("attention_mask") if isinstance(batch, dict) else None
-
-
-def expert_load(gates: torch.Tensor) -> list[list[float]]:
-    """Per block, each expert's share of the routing slots: [L, N, E] gates -> [L][E]."""
-    sent = (gates > 0).float()
-    return (sent.sum(1) / sent.sum((1, 2)).clamp(min=1).unsqueeze(-1)).tolist()
 
 
 @hookimpl

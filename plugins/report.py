@@ -84,6 +84,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Distillation gain over the baseline: {gain * 100:+.2f} accuracy points."]
     if report.get("stages"):
         lines += _stage_lines(report["stages"])
+    observed = report.get("observed")
+    if observed:
+        lines += [
+            "",
+            f"Observed by the loss terms on the training batch of step {observed['step']}: ",
+        ]
+        lines += [f"- {k}: {_fmt(v)}" for k, v in observed.items() if k != "step"]
+    notes = report.get("pass_notes")
+    if notes:
+        lines += ["", "## What the passes did", ""] + [f"- {note}" for note in notes]
     lines += ["", "## Size and latency", ""]
     sized = [r for r in ("teacher", "student") if r in models]
     header = ["model", "parameters", "weights"]
@@ -105,6 +115,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
         row += [_fmt(m["latency_ms"].get(rt, {}).get(b), 3) for rt in runtimes for b in batches]
         lines.append("| " + " | ".join(row) + " |")
+    for role in sized:
+        if "active_parameters" in models[role]:
+            m = models[role]
+            lines += [
+                "",
+                f"The {role} is a mixture of experts: {_fmt(m['active_parameters'])} of its "
+                f"{_fmt(m['parameters'])} parameters are active for a token.",
+            ]
     if "compression" in report:
         lines += [
             "",

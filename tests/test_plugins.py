@@ -35,6 +35,7 @@ BUILTIN = {
     "moe_upcycle",
     "router_logits",
     "moe_losses",
+    "preference",
     "student_layers",
     "fused_head",
     "hf_loaders",
@@ -51,6 +52,7 @@ def test_builtins_load_through_entry_points(registry):
     assert registry.names("loss") == [
         "attention_kl",
         "ce",
+        "dpo",
         "embedding_cosine",
         "embedding_mse",
         "feature_cosine",
@@ -84,7 +86,7 @@ def test_plugins_command_lists_origin_and_what_each_provides(capsys):
 
 
 def test_disabling_a_builtin_removes_what_it_provides(write_recipe, capsys):
-    registry = Registry.load(disabled=["losses", "transformer_losses", "moe_losses"])
+    registry = Registry.load(disabled=["losses", "transformer_losses", "moe_losses", "preference"])
     assert registry.names("loss") == []
     assert "kd" not in Registry.load(disabled=["losses"]).names("loss")
     assert main(["-p", "no:losses", "validate", str(write_recipe())]) == 2

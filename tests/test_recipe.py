@@ -60,7 +60,7 @@ def test_unknown_loss_lists_registered_losses_with_a_suggestion(write_recipe, re
         in message
     )
     assert (
-        "allowed: attention_kl, ce, embedding_cosine, embedding_mse, feature_cosine, "
+        "allowed: attention_kl, ce, dpo, embedding_cosine, embedding_mse, feature_cosine, "
         "feature_l1, feature_mse, hidden_mse, kd, moe_balance, ofa" in message
     )
 
