@@ -73,11 +73,14 @@ def main() -> None:
     table = ["| arm | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     table += ["| " + " | ".join([r["arm"], *(_fmt(r[k]) for k in keys)]) + " |" for r in rows]
     moe, dense = rows
-    verdict = (
-        "The MoE student is closer to the teacher (lower KL after mimic)"
-        if (moe["kl"] or 0) < (dense["kl"] or 0)
-        else "The dense student is closer to the teacher (lower KL after mimic)"
-    )
+    if moe["kl"] is None or dense["kl"] is None:
+        verdict = "KL after mimic was not measured for both arms"
+    else:
+        closer = "MoE" if moe["kl"] < dense["kl"] else "dense"
+        verdict = (
+            f"The {closer} student is closer to the teacher after mimic: KL {moe['kl']:.4g} "
+            f"(moe) against {dense['kl']:.4g} (dense)"
+        )
     sections = [
         f"Teacher SmolLM2-135M-Instruct; {args.steps[0]} mimic steps of 4 x 256 tokens, then "
         f"{args.steps[1]} DPO steps of 8 pairs, the same for both arms. perplexity, kl and top1 "
@@ -85,7 +88,7 @@ def main() -> None:
         "",
         *table,
         "",
-        f"{verdict}: KL {moe['kl']:.4g} (moe) against {dense['kl']:.4g} (dense).",
+        f"{verdict}.",
     ]
     write_summary(
         args.out / "report.md", "SmolLM2-135M: dense against MoE student", sections, {"arms": rows}
