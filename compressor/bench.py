@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--steps", type=int, default=None, help="engine: training steps (630); distributed (60)"
     )
-    parser.add_argument("--rounds", type=int, default=7, help="engine: interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=11, help="engine: interleaved rounds")
     args = parser.parse_args(argv)
     if args.suite == "losses":
         bench_losses(args.quick)

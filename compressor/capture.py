@@ -89,16 +89,27 @@ def _export(module: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModul
     for node in list(gm.graph.nodes):
         if _is_guard(node) or _is_unused_attribute(node):
             gm.graph.erase_node(node)
-    # ...and so does the pre-hook that checks calls against the exported pytree signature,
-    # which passes may extend (e.g. MAE's patch_keep input).
-    for key, hook in list(gm._forward_pre_hooks.items()):
-        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
-            del gm._forward_pre_hooks[key]
+    # ...and so do the hooks export adds: one checks calls against the exported pytree
+    # signature, which passes may extend (e.g. MAE's patch_keep input); the others register
+    # nn.Module-typed inputs as pytree nodes, and our inputs are tensors. Without hooks a
+    # call takes nn.Module's fast path: microseconds a step for small models.
+    for hooks in (gm._forward_pre_hooks, gm._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if _added_by_export(hook):
+                del hooks[key]
+                gm._forward_hooks_always_called.pop(key, None)
     gm.graph._codegen = fx.graph.CodeGen()
     out.args = (structure,)
     delete_unused_submodules(gm)
     gm.recompile()
     return gm
+
+
+def _added_by_export(hook: Any) -> bool:
+    name = getattr(hook, "__qualname__", "")
+    return name == "_check_input_constraints_pre_hook" or name.startswith(
+        "_create_stateful_graph_module."
+    )
 
 
 def _is_guard(node: fx.Node) -> bool:

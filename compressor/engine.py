@@ -147,7 +147,9 @@ def train(
         log({"step": 0, **{f"eval/{k}": v for k, v in initial_scores.items()}})
     labels = [bound.label for bound in plan.losses]
     scores: dict[str, float] = {}
-    pending: list[tuple[int, torch.Tensor, float]] = []  # (step, [terms, grad norm], lr) unread
+    # (step, detached terms, grad norm, lr) of the steps not read back yet: stacked only when
+    # read, so a step adds no tensor ops of its own for logging
+    pending: list[tuple[int, list[torch.Tensor], torch.Tensor, float]] = []
 
     earlier = world.from_leader(read_metrics(metrics_path) if resume and leader else [])
     guard = Divergence(cfg.divergence, earlier)
@@ -155,10 +157,13 @@ def train(
     def read_back() -> None:
         """Log the pending steps; stop on the first step whose loss is not finite or blows
         up, or whose gradient norm is not finite."""
-        rows = torch.stack([row for _, row, _ in pending]).double().cpu()
+        rows = torch.stack(
+            [torch.stack([*terms, norm.float().reshape(())]) for _, terms, norm, _ in pending]
+        )
+        rows = rows.double().cpu()  # [steps, terms + grad norm]
         rows[:, :-1] = world.sum(rows[:, :-1])  # each rank's share of the terms; one norm
         values = rows.tolist()
-        for (step, _, lr), row in zip(pending, values, strict=True):
+        for (step, _, _, lr), row in zip(pending, values, strict=True):
             *loss_values, grad_norm = row
             terms = dict(zip(labels, loss_values, strict=True))
             total = math.fsum(loss_values)
@@ -179,10 +184,13 @@ def train(
     # gradient. One process, one micro-batch: the terms as they are.
     split = world.size > 1 or cfg.grad_accum > 1
     unmeasured = torch.zeros((), device=device)  # the gradient norm of a step not read back
+    steps_schedule = not plan.schedule.constant()
     began = time.perf_counter()
     for step in range(start, cfg.steps):
         indices = batch_indices(step, n_train, recipe.data.batch_size, recipe.seed)
-        parts = [p for p in world.slice(indices).tensor_split(cfg.grad_accum) if len(p)]
+        parts = [world.slice(indices)]
+        if cfg.grad_accum > 1:
+            parts = [p for p in parts[0].tensor_split(cfg.grad_accum) if len(p)]
         batches = [plan.data.batch("train", p, device) for p in parts]
         weights: list[torch.Tensor | None] = [None] * len(parts)
         if split:
@@ -190,24 +198,29 @@ def train(
             whole = world.sum(torch.stack(units).sum(0)).clamp(min=1)
             weights = [u / whole * world.size for u in units]
         step_began = time.perf_counter()
-        step_terms: torch.Tensor | None = None
+        step_terms: list[torch.Tensor] = []
         try:
             optimizer.zero_grad(set_to_none=True)
             for i, ((x, y), part, weight) in enumerate(zip(batches, parts, weights, strict=True)):
                 with parallel.accumulating(last=i == len(parts) - 1):
-                    terms = list(parallel.step(x, y, cache, part.tolist()).values())
+                    # the cache keys its values by sample, so only it needs the indices
+                    keys = part.tolist() if cache is not None else []
+                    terms = list(parallel.step(x, y, cache, keys).values())
                     if weight is not None:
                         terms = [t * w for t, w in zip(terms, weight.tolist(), strict=True)]
                     sum(terms[1:], terms[0]).backward()
-                done_terms = torch.stack([t.detach().float() for t in terms])
-                step_terms = done_terms if step_terms is None else step_terms + done_terms
+                done_terms = [t.detach() for t in terms]
+                step_terms = (
+                    [a + b for a, b in zip(step_terms, done_terms, strict=True)]
+                    if step_terms
+                    else done_terms
+                )
         except CompressorError:
             raise
         except Exception as exc:
             raise RunFailed(f"training step {step + 1}: {plan.part.name}", exc) from exc
-        assert step_terms is not None
         if split:  # what is logged is this rank's share of the terms
-            step_terms = step_terms / world.size
+            step_terms = [t / world.size for t in step_terms]
         done = step + 1
         evaluate_now = done % cfg.eval_every == 0 or done == cfg.steps
         checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
@@ -225,13 +238,12 @@ def train(
             grad_norm = unmeasured
         grad_norm = distributed.whole(grad_norm)
         optimizer.step()
-        scheduler.step()
+        if steps_schedule:
+            scheduler.step()
         if cache is not None:  # host time: on a GPU it trails the device by a few steps
             cache.stats.record(plan.teacher_from_cache, time.perf_counter() - step_began)
 
-        # [terms..., grad norm], read back later
-        values = torch.cat([step_terms, grad_norm.float().reshape(1)])
-        pending.append((done, values, float(scheduler.get_last_lr()[0])))
+        pending.append((done, step_terms, grad_norm, float(scheduler.get_last_lr()[0])))
         if read_now:
             read_back()
         bar.advance(done)
@@ -331,9 +343,10 @@ class Divergence:
             return "non_finite_loss", f"the loss became {total}"
         if self.spec is not None and not math.isfinite(grad_norm):
             return "non_finite_grad", f"the gradient norm became {grad_norm} (loss {total:.4g})"
-        if self.spec is not None and self.started is not None:
+        # the median only when the loss is above where it started (rarely): it sorts the window
+        if self.spec is not None and self.started is not None and total > self.started:
             median = statistics.median(self.recent)
-            if median > 0 and total > self.spec.factor * median and total > self.started:
+            if median > 0 and total > self.spec.factor * median:
                 return "diverged", (
                     f"the loss diverged: {total:.4g} is over {self.spec.factor:g}x the median "
                     f"{median:.4g} of the steps before it (train.divergence)"

@@ -176,6 +176,9 @@ def op_name(node: fx.Node) -> str:
 
 
 def output_node(gm: fx.GraphModule) -> fx.Node:
+    last = next(iter(reversed(gm.graph.nodes)))  # where fx puts it: looked up every step
+    if last.op == "output":
+        return last
     return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
 
 

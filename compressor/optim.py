@@ -23,6 +23,11 @@ class ScheduleFactory(Component[OptionsT]):
         """Multiplier of the base learning rate at `step` (0-based)."""
         raise NotImplementedError
 
+    def constant(self) -> bool:
+        """True when the factor is 1 at every step: the engine then never steps the schedule
+        (a LambdaLR step is host work a small model's step notices)."""
+        return False
+
     def build(
         self, optimizer: torch.optim.Optimizer, total_steps: int
     ) -> torch.optim.lr_scheduler.LambdaLR:

@@ -97,10 +97,10 @@ class BoundLoss:
     weight: float
     term: LossTerm[Any]
     index: int  # position in the recipe's losses
+    part: StepPart = field(init=False)  # what a failure in this term names
 
-    @property
-    def part(self) -> StepPart:
-        return StepPart(f"loss {self.label!r}", ("losses", self.index))
+    def __post_init__(self) -> None:
+        self.part = StepPart(f"loss {self.label!r}", ("losses", self.index))
 
 
 @dataclass
@@ -175,7 +175,7 @@ class DistillPlan:
         extra = (
             draw_inputs(self.input_specs, batch_size(x), self.device) if self.input_specs else {}
         )
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self._autocast():
             self.part = _STUDENT_PART
             s_out, s_taps = _run(self.student_graph, x, extra)  # logits [B, C], taps
             teacher: dict[str, torch.Tensor] = {}
@@ -197,6 +197,13 @@ class DistillPlan:
                 terms[bound.label] = bound.weight * bound.term(inputs)
         self.part = _BACKWARD_PART  # what the caller does next
         return terms
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        # bf16 on GPUs; on the CPU no context at all rather than a disabled one, which still
+        # costs microseconds every step
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", torch.bfloat16)
 
     def loss_units(self, x: Inputs, y: torch.Tensor | None) -> torch.Tensor:
         """[terms] float64 on the CPU: how many things each loss term averages over on batch

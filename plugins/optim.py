@@ -79,6 +79,9 @@ class Constant(ScheduleFactory[WarmupOptions]):
     def factor(self, step: int, total_steps: int) -> float:
         return _warmup(step, self.options.warmup_steps) or 1.0
 
+    def constant(self) -> bool:
+        return self.options.warmup_steps == 0
+
 
 class Cosine(ScheduleFactory[WarmupOptions]):
     """Cosine decay to zero after an optional linear warmup."""

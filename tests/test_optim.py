@@ -42,3 +42,21 @@ def test_schedule_drives_the_learning_rate(registry):
         scheduler.step()
     assert lrs[0] == 1.0 and lrs[5] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lrs == sorted(lrs, reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("constant", {}),
+        ("constant", {"warmup_steps": 3}),
+        ("cosine", {}),
+        ("cosine", {"warmup_steps": 3}),
+        ("linear", {}),
+    ],
+)
+def test_a_schedule_is_constant_only_when_every_factor_is_one(registry, name, options):
+    # the engine skips stepping a constant schedule: it must really never change the rate
+    schedule = registry.create("schedule", name, options)
+    every_factor_one = all(schedule.factor(s, 50) == 1.0 for s in range(51))
+    assert schedule.constant() == every_factor_one
+    assert schedule.constant() == (name == "constant" and not options)
