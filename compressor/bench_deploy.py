@@ -122,11 +122,13 @@ def _torch_runner(
 
 def _ort_runner(path: Path, provider: str) -> Callable[[], Callable[[Inputs], Any]]:
     def load() -> Callable[[Inputs], Any]:
+        from compressor.plugins.hf_export import folder_ids
         from compressor.plugins.onnx_export import ort_feeds, ort_session
 
         session = ort_session(path, [provider])
         names = [i.name for i in session.get_inputs()]
-        return lambda x: session.run(None, ort_feeds(names, (x,)))
+        # a pruned student's folder reads its own token ids, the data are the teacher's
+        return lambda x: session.run(None, ort_feeds(names, folder_ids(path.parent, (x,))))
 
     return load
 

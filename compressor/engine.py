@@ -209,7 +209,9 @@ def train(
                     if weight is not None:
                         terms = [t * w for t, w in zip(terms, weight.tolist(), strict=True)]
                     sum(terms[1:], terms[0]).backward()
-                done_terms = [t.detach() for t in terms]
+                done_terms = [
+                    t.detach().float() for t in terms
+                ]  # fp32 ones are returned as they are
                 step_terms = (
                     [a + b for a, b in zip(step_terms, done_terms, strict=True)]
                     if step_terms

@@ -586,7 +586,9 @@ def load_models(
             torch.manual_seed(recipe.seed + 1)
             student = components.model_loaders["student"].load(recipe, ("student",))
         for i, target, module_pass in components.module_passes:
-            context = ModulePassContext(target, teacher, data, recipe.data.batch_size)
+            context = ModulePassContext(
+                target, teacher, data, recipe.data.batch_size, folder=recipe.resolve(".")
+            )
             try:
                 if target == "student" and student is not None:
                     student = module_pass(student, context)

@@ -28,12 +28,17 @@ TASKS: dict[str, tuple[str, str, str]] = {
     "causal-lm": ("AutoModelForCausalLM", "logits", "ORTModelForCausalLM"),
 }
 INPUT_NAMES = ("input_ids", "attention_mask")
+# a student with a pruned vocabulary (prune_vocab) reads the teacher's token ids through this
+# buffer: teacher id -> its own id
+VOCAB_MAP = "vocab_map"
 
 
 class HFModule(nn.Module):
     """A transformers model seen as `forward(input_ids, attention_mask) -> tensor`."""
 
     hf_model: Any  # a transformers PreTrainedModel
+    # prune_vocab: the teacher's id of each of this model's token ids (VOCAB_MAP the reverse)
+    kept_token_ids: list[int] | None = None
 
     def __init__(self, model: nn.Module, task: str, tokenizer: Any = None):
         super().__init__()
@@ -55,6 +60,9 @@ class HFModule(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        vocab_map = self._buffers.get(VOCAB_MAP)
+        if vocab_map is not None:
+            input_ids = vocab_map[input_ids]
         extra = {"use_cache": False} if self.task == "causal-lm" else {}
         out = self.hf_model(
             input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra

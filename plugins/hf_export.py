@@ -10,6 +10,8 @@ twice: in onnxruntime directly, and through optimum's ORTModel class for the tas
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from compressor.errors import ExportError
 from compressor.export import ExportResult
 from compressor.hookspecs import hookimpl
 from compressor.loading import Inputs, batch_size, call_model, to_device
-from compressor.plugins.hf import TASKS, HFModule
+from compressor.plugins.hf import TASKS, VOCAB_MAP, HFModule
 from compressor.plugins.hf_moe import checkpoint_model, export_safe_moe
 from compressor.plugins.onnx_export import (
     ONNXExporter,
@@ -69,10 +71,19 @@ class HFExporter(ONNXExporter):
         if module.task == "causal-lm":
             diff = self._causal_lm(folder, graph, verify_inputs, details)
         else:
-            details["inputs"] = export_onnx(graph, example_inputs, path, self.options.opset)
-            diff = verify_onnx(graph, path, verify_inputs)
+            own = own_ids(module)  # a pruned vocabulary: the folder reads its tokenizer's ids
+            plain = graph if own is None else without_vocab_map(graph)
+            example_inputs, folder_inputs = own_inputs(own, example_inputs, verify_inputs)
+            details["inputs"] = export_onnx(plain, example_inputs, path, self.options.opset)
+            diff = verify_onnx(plain, path, folder_inputs)
+            if own is not None:  # the graph without its map equals the student on its ids
+                diff = max(diff, _max_diff(plain, graph, folder_inputs, verify_inputs))
+                kept = len(module.kept_token_ids or [])
+                details["vocabulary"] = f"{kept:,} of the teacher's {own.numel():,} tokens"
             details["onnxruntime_max_abs_diff"] = diff
-            optimum_diff, how = _optimum_check(folder, module.task, graph, verify_inputs)
+            optimum_diff, how = _optimum_check(
+                folder, module.task, graph, verify_inputs, folder_inputs=folder_inputs
+            )
             details["optimum"] = how
             if optimum_diff is not None:
                 details["optimum_max_abs_diff"] = optimum_diff
@@ -125,7 +136,7 @@ class HFExporter(ONNXExporter):
         session = ort_session(path)
         names = [i.name for i in session.get_inputs()]
         if not any(n.startswith("past_key_values") for n in names):
-            return super().latency(path, inputs, repeats)
+            return super().latency(path, folder_ids(path.parent, inputs), repeats)
         x = inputs[0]
         assert isinstance(x, dict)
         feeds = {k: v.cpu().numpy() for k, v in x.items() if k in names}
@@ -217,6 +228,12 @@ class HFInt8Exporter(ONNXInt8Exporter):
 
     def check(self, module: nn.Module, device: torch.device) -> None:
         _require_hf_module(self.name, module)
+        if own_ids(module) is not None:
+            raise ValueError(
+                "exporter 'hf_int8' quantizes the graph, which reads the teacher's token ids, and "
+                "a prune_vocab student's folder must read its own: use 'hf' (fp32) or "
+                "'onnx_int8' (int8, the teacher's ids)"
+            )
         if isinstance(module, HFModule) and module.task == "causal-lm":
             raise ValueError(
                 "exporter 'hf_int8' quantizes encoders and classifiers; a causal LM's cached "
@@ -258,12 +275,95 @@ def _require_hf_module(exporter: str, module: nn.Module) -> None:
 
 def _write_hf_files(module: HFModule, folder: Path) -> None:
     """config.json, the weights and the tokenizer: what makes a folder a model folder (an
-    upcycled student's in the Qwen2-MoE layout)."""
+    upcycled student's in the Qwen2-MoE layout; a pruned vocabulary's kept teacher ids)."""
     folder.mkdir(parents=True, exist_ok=True)
     model = checkpoint_model(module.hf_model, for_optimum=module.task == "causal-lm")
     model.save_pretrained(str(folder), safe_serialization=True)
     if module.tokenizer is not None:
         module.tokenizer.save_pretrained(str(folder))
+    if module.kept_token_ids is not None:
+        (folder / KEPT_IDS).write_text(json.dumps(module.kept_token_ids))
+
+
+# In a pruned student's folder: the teacher id of each of the folder's token ids, so inputs
+# tokenised by the teacher (a recipe's data, `compress bench`) can be fed to it.
+KEPT_IDS = "teacher_token_ids.json"
+
+
+def own_ids(module: nn.Module | None) -> torch.Tensor | None:
+    """A pruned student's map from the teacher's token ids to its own, else None."""
+    return module._buffers.get(VOCAB_MAP) if isinstance(module, HFModule) else None
+
+
+def own_inputs(
+    own: torch.Tensor | None,
+    example_inputs: tuple[Inputs, ...],
+    verify_inputs: list[tuple[Inputs, ...]],
+) -> tuple[tuple[Inputs, ...], list[tuple[Inputs, ...]]]:
+    """The export and check inputs in the folder's own token ids."""
+    if own is None:
+        return example_inputs, verify_inputs
+    return (
+        tuple(_map_ids(x, own) for x in example_inputs),
+        [tuple(_map_ids(x, own) for x in inputs) for inputs in verify_inputs],
+    )
+
+
+def folder_ids(folder: Path, inputs: tuple[Inputs, ...]) -> tuple[Inputs, ...]:
+    """Inputs in the teacher's token ids, as the model in `folder` reads them."""
+    kept = folder / KEPT_IDS
+    if not kept.is_file():
+        return inputs
+    teacher_ids = torch.tensor(json.loads(kept.read_text()))
+    own = torch.zeros(int(teacher_ids.max()) + 1, dtype=torch.long)
+    own[teacher_ids] = torch.arange(len(teacher_ids))  # dropped tokens: id 0 (timing only)
+    return tuple(_map_ids(x, own) for x in inputs)
+
+
+def _map_ids(x: Inputs, own: torch.Tensor) -> Inputs:
+    if not isinstance(x, dict):
+        return x
+    return {**x, "input_ids": own.to(x["input_ids"].device)[x["input_ids"]]}
+
+
+def without_vocab_map(graph: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a pruned student's graph that reads its own token ids: the lookup of the
+    teacher's ids in `vocab_map` bypassed."""
+    plain = copy.deepcopy(graph)
+    lookups = [
+        n
+        for n in plain.graph.nodes
+        if n.op == "call_function"
+        and n.target is torch.ops.aten.index.Tensor
+        and getattr(n.args[0], "op", None) == "get_attr"
+        and n.args[0].target == VOCAB_MAP
+    ]
+    if len(lookups) != 1:
+        raise ExportError(
+            f"a pruned student's graph should look its input ids up in {VOCAB_MAP!r} once; "
+            f"found {len(lookups)} lookups"
+        )
+    (lookup,) = lookups
+    lookup.replace_all_uses_with(lookup.args[1][0])
+    plain.graph.erase_node(lookup)
+    plain.graph.eliminate_dead_code()
+    plain.recompile()
+    return plain
+
+
+def _max_diff(
+    plain: fx.GraphModule,
+    graph: fx.GraphModule,
+    plain_inputs: list[tuple[Inputs, ...]],
+    inputs: list[tuple[Inputs, ...]],
+) -> float:
+    diffs = []
+    with torch.no_grad():
+        for mine, theirs in zip(plain_inputs, inputs, strict=True):
+            got = call_model(plain, to_device(mine[0], torch.device("cpu"))).float()
+            want = call_model(graph, to_device(theirs[0], torch.device("cpu"))).float()
+            diffs.append(float((got - want).abs().max()))
+    return max(diffs)
 
 
 def _optimum_check(
@@ -272,9 +372,11 @@ def _optimum_check(
     graph: fx.GraphModule,
     verify_inputs: list[tuple[Inputs, ...]],
     reference: nn.Module | None = None,
+    folder_inputs: list[tuple[Inputs, ...]] | None = None,
 ) -> tuple[float | None, str]:
     """Load the folder with optimum's ORTModel class for `task` and compare with `reference`
-    (default: the PyTorch graph)."""
+    (default: the PyTorch graph) on `verify_inputs` (the folder's model reads
+    `folder_inputs`, when its token ids are not the teacher's)."""
     try:
         import optimum.onnxruntime as ort_models
     except ImportError as exc:
@@ -285,11 +387,12 @@ def _optimum_check(
             str(folder), file_name="model.onnx", local_files_only=True
         )
     diffs = []
-    for inputs in verify_inputs:
+    for inputs, own in zip(verify_inputs, folder_inputs or verify_inputs, strict=True):
         x = to_device(inputs[0], torch.device("cpu"))
-        assert isinstance(x, dict)
+        mine = to_device(own[0], torch.device("cpu"))
+        assert isinstance(x, dict) and isinstance(mine, dict)
         with torch.no_grad():
-            got = getattr(model(**x), graph.meta.get(OUTPUT_NAME_META, "logits"))
+            got = getattr(model(**mine), graph.meta.get(OUTPUT_NAME_META, "logits"))
             want = call_model(reference if reference is not None else graph, x).float()
         got = torch.as_tensor(np.asarray(got)).float()
         if got.shape != want.shape:

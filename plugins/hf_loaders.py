@@ -21,7 +21,7 @@ from torch.utils.data import default_collate
 from compressor.errors import Problem, RecipeError
 from compressor.hookspecs import hookimpl
 from compressor.loading import IGNORE, Batch, DataBundle, DataLoader, ModelLoader
-from compressor.plugins.hf import TASKS, HFModule, package_folder
+from compressor.plugins.hf import TASKS, VOCAB_MAP, HFModule, package_folder
 from compressor.plugins.text_corpora import (
     docstring_families,
     library_paragraphs,
@@ -386,7 +386,7 @@ def compressor_validate_models(
         return problems
     longest, highest = ids
     for role, model in hf.items():
-        rows = model.hf_model.get_input_embeddings().num_embeddings
+        rows = _ids_read(model)
         if highest >= rows:
             problems.append(
                 Problem(
@@ -410,8 +410,19 @@ def compressor_validate_models(
     return problems
 
 
+def _ids_read(model: HFModule) -> int:
+    """How many token ids a model reads: its embedding rows, or, with a pruned vocabulary,
+    the teacher's ids its map covers."""
+    vocab_map = model._buffers.get(VOCAB_MAP)
+    if vocab_map is not None:
+        return int(vocab_map.shape[0])
+    return int(model.hf_model.get_input_embeddings().num_embeddings)
+
+
 def _same_tokenizer(teacher: HFModule, student: HFModule, recipe: Recipe) -> list[Problem]:
     if teacher.tokenizer is None or student.tokenizer is None:
+        return []
+    if VOCAB_MAP in student._buffers:  # prune_vocab: it maps the teacher's ids to its own
         return []
     t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
     if t_vocab == s_vocab:

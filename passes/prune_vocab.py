@@ -1,0 +1,280 @@
+"""`prune_vocab`: a student that keeps only the tokens its text uses.
+
+A sentence encoder's embedding table is often half its weights (all-MiniLM-L6-v2: 11.7M of
+22.7M parameters for 30,522 tokens), and most rows are tokens the student's domain never
+shows. This module pass keeps the tokens of the recipe's training text (plus `extra_text`
+files, the special tokens, and the pieces words fall back to), gathers those rows of the
+embedding table (and of a tied head), and rebuilds the tokenizer over the kept vocabulary,
+so the exported Hugging Face folder tokenises raw text into the new ids by itself: a word
+whose pieces were dropped falls back to smaller kept pieces (WordPiece: single characters
+and `##` characters are kept; byte-level BPE: the 256 byte tokens and every token a kept
+token is merged from), else to the unknown token.
+
+The recipe's data stay in the teacher's ids, which both models read: the student maps them
+to its own through a `vocab_map` buffer (teacher id -> student id, a dropped token -> the
+unknown token) at the start of its forward. Training text is fully covered, so the map is
+exact there. Exporters that write a graph keep the map (the file reads teacher ids); the
+`hf` folder drops it (its model reads the ids of its own tokenizer).
+
+Supported: fast tokenizers whose model is WordPiece (BERT family) or BPE (GPT-2, Llama 3,
+SmolLM2, Qwen2), on encoders and classifiers. A causal LM is refused: its logits would be
+over the kept tokens, and the teacher's over all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from compressor.hookspecs import hookimpl
+from compressor.module_pass import ModulePass, ModulePassContext
+from compressor.plugins.hf import VOCAB_MAP, HFModule, mean_pool
+
+SUPPORTED_MODELS = ("WordPiece", "BPE")
+
+
+class PruneVocabOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    extra_text: list[str] = Field(
+        default_factory=list,
+        description="text files (relative to the recipe) whose tokens are kept as well",
+    )
+    fallback_pieces: bool = Field(
+        True,
+        description="keep the single-character pieces (WordPiece) or byte tokens (BPE) that "
+        "unseen words fall back to",
+    )
+
+
+class PruneVocab(ModulePass[PruneVocabOptions]):
+    """Keep the embedding rows and tokenizer entries of the tokens the training text uses."""
+
+    name = "prune_vocab"
+
+    def __call__(self, module: nn.Module, context: ModulePassContext) -> nn.Module:
+        if context.role != "student":
+            raise ValueError("prune_vocab rewrites the student only (the teacher keeps its ids)")
+        if not isinstance(module, HFModule) or module.tokenizer is None:
+            raise ValueError(
+                "prune_vocab needs a Hugging Face model with its tokenizer (loader: hf, or "
+                f"student: {{from_teacher: true}}), got {type(module).__name__}"
+            )
+        if module.task == "causal-lm":
+            raise ValueError(
+                "prune_vocab prunes encoders and classifiers: a causal LM's logits would cover "
+                "the kept tokens only, and the teacher's every token"
+            )
+        if VOCAB_MAP in module._buffers:
+            raise ValueError("prune_vocab runs once: this student's vocabulary is pruned already")
+        if context.data is None:
+            raise ValueError("prune_vocab needs the recipe's data: it keeps what the text uses")
+        tokenizer = module.tokenizer
+        used = _used_ids(context.data, "train")
+        for name in self.options.extra_text:
+            path = context.folder / name
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(
+                    f"extra_text {name!r}: cannot read {path} as text ({exc})"
+                ) from None
+            used.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+        keep = kept_ids(tokenizer, used, self.options.fallback_pieces)
+        old_size = module.hf_model.get_input_embeddings().weight.shape[0]
+        before = sum(p.numel() for p in module.parameters())
+        held_out = _outputs(module, context.data)
+        module.tokenizer = prune_tokenizer(tokenizer, keep)
+        _prune_embeddings(module, keep, tokenizer)
+        after = sum(p.numel() for p in module.parameters())
+        moved = _distance(held_out, _outputs(module, context.data))
+        eval_ids = _eval_token_counts(context.data)
+        kept = set(keep)
+        covered = sum(n for i, n in eval_ids.items() if i in kept)
+        total = sum(eval_ids.values())
+        coverage = f"{covered / total:.2%}" if total else "n/a"
+        context.notes.append(
+            f"prune_vocab: kept {len(keep):,} of {old_size:,} tokens ({len(used):,} seen in the "
+            f"training text); parameters {before:,} -> {after:,} "
+            f"({(before - after) * 4 / 2**20:.1f} MiB less in fp32); on the eval text it covers "
+            f"{coverage} of the tokens and moves the student's outputs by {moved}"
+        )
+        return module
+
+
+def kept_ids(tokenizer: Any, used: Iterable[int], fallback_pieces: bool = True) -> list[int]:
+    """The teacher ids to keep, ascending: `used`, the special and added tokens, with
+    `fallback_pieces` the pieces unseen words fall back to, and for BPE every token a kept
+    token is merged from (a merge needs its parts)."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state["model"]
+    if model["type"] not in SUPPORTED_MODELS:
+        raise ValueError(
+            f"prune_vocab rebuilds WordPiece and BPE tokenizers; this one's model is "
+            f"{model['type']!r} ({type(tokenizer).__name__})"
+        )
+    vocab: dict[str, int] = model["vocab"]
+    keep = set(used) | set(tokenizer.all_special_ids)
+    keep |= {t["id"] for t in state.get("added_tokens", [])}
+    if fallback_pieces:
+        prefix = model.get("continuing_subword_prefix") or ""
+        for token, i in vocab.items():
+            piece = token[len(prefix) :] if prefix and token.startswith(prefix) else token
+            if len(piece) == 1:
+                keep.add(i)
+    if model["type"] == "BPE":  # the parts of every kept token, recursively
+        parts = {a + b: (a, b) for a, b in (_pair(m) for m in reversed(model["merges"]))}
+        by_id = {i: t for t, i in vocab.items()}
+        todo = [by_id[i] for i in keep if i in by_id]
+        while todo:
+            token = todo.pop()
+            for part in parts.get(token, ()):
+                if vocab[part] not in keep:
+                    keep.add(vocab[part])
+                    todo.append(part)
+    return sorted(keep)
+
+
+def prune_tokenizer(tokenizer: Any, keep: list[int]) -> Any:
+    """A fast tokenizer over the tokens `keep` (teacher ids, ascending), numbered 0..n-1 in
+    that order: same normalisation, pre-tokenisation, special tokens and templates."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    new_id = {old: new for new, old in enumerate(keep)}
+    model = state["model"]
+    model["vocab"] = {t: new_id[i] for t, i in model["vocab"].items() if i in new_id}
+    if model["type"] == "BPE":  # a merge stays when its parts and its result stay
+        kept = model["vocab"]
+        merges = [m for m in model["merges"] if _merged(m, kept)]
+        model["merges"] = merges
+    for added in state.get("added_tokens", []):
+        added["id"] = new_id[added["id"]]
+    _renumber_templates(state.get("post_processor"), new_id)
+    backend = Tokenizer.from_str(json.dumps(state))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=tokenizer.model_max_length,
+        padding_side=tokenizer.padding_side,
+        model_input_names=list(tokenizer.model_input_names),
+        **tokenizer.special_tokens_map,
+    )
+
+
+def _pair(merge: Any) -> tuple[str, str]:
+    """A merge as tokenizer.json writes it: `["a", "b"]` or, in older files, `"a b"`."""
+    if isinstance(merge, str):
+        a, b = merge.split(" ", 1)
+        return a, b
+    return merge[0], merge[1]
+
+
+def _merged(merge: Any, vocab: dict[str, int]) -> bool:
+    a, b = _pair(merge)
+    return a in vocab and b in vocab and a + b in vocab
+
+
+def _renumber_templates(node: Any, new_id: dict[int, int]) -> None:
+    """Special-token ids inside post-processor templates (BERT's [CLS] ... [SEP])."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "ids" and isinstance(value, list):
+                node[key] = [new_id[i] for i in value]
+            else:
+                _renumber_templates(value, new_id)
+    elif isinstance(node, list):
+        for item in node:
+            _renumber_templates(item, new_id)
+
+
+def _prune_embeddings(module: HFModule, keep: list[int], teacher_tokenizer: Any) -> None:
+    """Gather the kept rows of the input embeddings (and of an output head over the
+    vocabulary), renumber the config's token ids, and install the teacher -> student map."""
+    model = module.hf_model
+    index = torch.tensor(keep)
+    old = model.get_input_embeddings()
+    new_id = {old_id: new for new, old_id in enumerate(keep)}
+    padding = getattr(old, "padding_idx", None)
+    table = nn.Embedding(
+        len(keep),
+        old.weight.shape[1],
+        padding_idx=new_id.get(padding) if padding is not None else None,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    with torch.no_grad():
+        table.weight.copy_(old.weight[index])
+    model.set_input_embeddings(table)
+    config = model.config
+    config.vocab_size = len(keep)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value in new_id:
+            setattr(config, key, new_id[value])
+    unknown = teacher_tokenizer.unk_token_id
+    fallback = new_id.get(unknown, new_id.get(teacher_tokenizer.pad_token_id, 0))
+    mapping = torch.full((old.weight.shape[0],), fallback, dtype=torch.long)
+    mapping[index] = torch.arange(len(keep))
+    # not persistent: transformers' checkpoint stays the plain pruned model
+    module.register_buffer(VOCAB_MAP, mapping.to(old.weight.device), persistent=False)
+    module.kept_token_ids = list(keep)
+
+
+def _outputs(module: HFModule, data: Any, samples: int = 256) -> torch.Tensor | None:
+    """The model's outputs on the first eval samples (sentence embeddings: mean-pooled
+    token states), in eval form."""
+    n = min(samples, len(data.eval))
+    if n == 0:
+        return None
+    x, _ = data.batch("eval", range(n), next(module.parameters()).device)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(**x).float()
+    finally:
+        module.train(was_training)
+    return mean_pool(out, x["attention_mask"]) if out.dim() == 3 else out
+
+
+def _distance(before: torch.Tensor | None, after: torch.Tensor | None) -> str:
+    """How far pruning moved the outputs: the mean of 1 - cosine over samples."""
+    if before is None or after is None:
+        return "n/a (no eval text)"
+    cosine = torch.nn.functional.cosine_similarity(before, after, dim=-1)
+    return f"1 - cosine = {float((1 - cosine).mean()):.4f} on average"
+
+
+def _used_ids(data: Any, split: str) -> set[int]:
+    return set(_token_counts(data, split))
+
+
+def _eval_token_counts(data: Any) -> dict[int, int]:
+    return _token_counts(data, "eval")
+
+
+def _token_counts(data: Any, split: str) -> dict[int, int]:
+    """How often each id occurs among the real tokens of a split (padding left out)."""
+    dataset = data.train if split == "train" else data.eval
+    counts: dict[int, int] = {}
+    for start in range(0, len(dataset), 512):
+        x, _ = data.batch(split, range(start, min(start + 512, len(dataset))), torch.device("cpu"))
+        if not isinstance(x, dict) or "input_ids" not in x:
+            raise ValueError("prune_vocab needs tokenised text (batches with input_ids)")
+        ids = x["input_ids"]
+        mask = x.get("attention_mask")
+        real = ids[mask.bool()] if mask is not None else ids.flatten()
+        values, numbers = real.unique(return_counts=True)
+        for value, number in zip(values.tolist(), numbers.tolist(), strict=True):
+            counts[value] = counts.get(value, 0) + number
+    return counts
+
+
+@hookimpl
+def compressor_module_passes() -> list[type]:
+    return [PruneVocab]

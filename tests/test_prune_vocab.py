@@ -1,0 +1,196 @@
+"""prune_vocab: a student over the tokens its text uses, with a tokenizer of its own.
+
+A tiny random BERT with MiniLM's WordPiece tokenizer is built here; byte-level BPE is tested
+on a tokenizer trained here on the standard library's prose."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_hf_folder
+
+from compressor.errors import RecipeError
+from compressor.passes.prune_vocab import kept_ids, prune_tokenizer
+from compressor.pipeline import run
+from compressor.plan import build_plan
+from compressor.plugins.hf import VOCAB_MAP, HFModule
+from compressor.recipe import load_recipe
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    return save_hf_folder(tmp_path_factory.mktemp("hf"), "bert", transformers.BertModel(config))
+
+
+def _recipe(tmp_path: Path, folder: Path, passes: str = "[{name: prune_vocab}]", export="hf"):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"""\
+name: pruned
+output: {tmp_path / "run"}
+teacher: {{loader: hf, model: {folder}, task: feature-extraction}}
+student: {{from_teacher: true}}
+module_passes: {passes}
+data:
+  loader: text
+  kwargs: {{source: prose, task: embedding, max_length: 32, limit: 120}}
+  batch_size: 8
+  eval_batch_size: 32
+losses:
+  - {{name: embedding_cosine}}
+train:
+  steps: 4
+  optimizer: {{name: adamw, lr: 1.0e-3}}
+  log_every: 2
+  eval_every: 4
+  checkpoint_every: 4
+export:
+  - {{name: {export}}}
+report: {{latency_batches: [2], latency_repeats: 1, latency_tokens: 16}}
+""")
+    return load_recipe(path)
+
+
+def test_covered_text_gives_the_unpruned_outputs(bert, tmp_path, registry):
+    plan = build_plan(_recipe(tmp_path, bert), registry)
+    student, teacher = plan.student, plan.teacher
+    assert isinstance(student, HFModule) and isinstance(teacher, HFModule)
+    keep = student.hf_model.get_input_embeddings().weight.shape[0]
+    assert keep < 30522 // 4 and student.config.vocab_size == keep
+    (note,) = [n for n in plan.notes if "prune_vocab: kept" in n]
+    assert "covers" in note and "moves the student's outputs by 1 - cosine" in note
+
+    # a training sentence: the pruned tokenizer gives the mapped ids, and the student's own
+    # model on them gives what the unpruned model (the teacher, here) gives on the teacher's
+    x, _ = plan.data.batch("train", range(8), torch.device("cpu"))
+    own_ids = student._buffers[VOCAB_MAP][x["input_ids"]]
+    unknown = student.tokenizer.unk_token_id
+    real = x["attention_mask"].bool()
+    assert not (own_ids[real] == unknown).any()  # training text is fully covered
+    text = teacher.tokenizer.decode(x["input_ids"][0][real[0]], skip_special_tokens=True)
+    assert student.tokenizer(text)["input_ids"] == own_ids[0][real[0]].tolist()
+    student.eval()  # dropout off, as the teacher's
+    with torch.no_grad():
+        want = teacher.hf_model(**x).last_hidden_state
+        got = student.hf_model(input_ids=own_ids, attention_mask=x["attention_mask"])
+        through_map = student(**x)
+    torch.testing.assert_close(got.last_hidden_state, want)
+    torch.testing.assert_close(through_map, want)
+
+    # a word the text never used falls back to kept pieces, not to the unknown token
+    pieces = student.tokenizer.tokenize("zyzzyva")
+    assert len(pieces) > 1 and student.tokenizer.unk_token not in pieces
+    assert "".join(p.removeprefix("##") for p in pieces) == "zyzzyva"
+
+
+def test_pruned_student_folder_tokenises_raw_text_itself(bert, tmp_path, registry):
+    summary = run(_recipe(tmp_path, bert), registry, progress=False)
+    (export,) = summary.exports  # the student's
+    assert export.ok, export.details
+    folder = Path(export.details["folder"])
+    assert export.details["optimum_max_abs_diff"] <= 1e-4
+    config = json.loads((folder / "config.json").read_text())
+    teacher_ids = json.loads((folder / "teacher_token_ids.json").read_text())
+    assert config["vocab_size"] == len(teacher_ids) < 30522 // 4
+
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    teacher_tokenizer = transformers.AutoTokenizer.from_pretrained(bert)
+    sentences = ["The function returns a new list.", "Qwertyuiop zxcvb appears nowhere."]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    batch.pop("token_type_ids", None)
+    onnx_model = ORTModelForFeatureExtraction.from_pretrained(folder, file_name="model.onnx")
+    reloaded = transformers.AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        want = reloaded(**batch).last_hidden_state
+    got = torch.as_tensor(np.asarray(onnx_model(**batch).last_hidden_state))
+    assert float((got - want).abs().max()) < 1e-4
+    # its ids are the teacher's renumbered: text made of kept words tokenises to the same
+    # tokens, in the folder's ids
+    words = [
+        w
+        for w in teacher_tokenizer.convert_ids_to_tokens(teacher_ids)
+        if w.isalpha() and len(w) > 2
+    ][:20]
+    text = " ".join(words)
+    assert len(words) == 20
+    mine = tokenizer(text)["input_ids"]
+    assert [teacher_ids[i] for i in mine] == teacher_tokenizer(text)["input_ids"]
+
+
+def test_byte_level_bpe_keeps_merge_parts_and_round_trips():
+    from pydoc_data.topics import topics
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    texts = list(topics.values())[:150]
+    trained = ByteLevelBPETokenizer()
+    trained.train_from_iterator(texts, vocab_size=1500, special_tokens=["<|endoftext|>"])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=trained._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    used = set(tokenizer(texts[0], add_special_tokens=False)["input_ids"])
+    keep = kept_ids(tokenizer, used)
+    pruned = prune_tokenizer(tokenizer, keep)
+    assert len(used) < len(keep) < len(tokenizer)
+    new_id = {old: new for new, old in enumerate(keep)}
+    assert pruned(texts[0])["input_ids"] == [new_id[i] for i in tokenizer(texts[0])["input_ids"]]
+    # every kept token's merge parts are kept: a merge needs them
+    merges = json.loads(pruned.backend_tokenizer.to_str())["model"]["merges"]
+    vocab = pruned.get_vocab()
+    for merge in merges:
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        assert a in vocab and b in vocab and a + b in vocab
+    unseen = "Zebras quantify ümlauts: 42!"  # bytes are always kept, so nothing is lost
+    assert pruned.decode(pruned(unseen)["input_ids"]) == unseen
+    assert pruned.eos_token_id == new_id[tokenizer.eos_token_id]
+
+
+def test_a_tokenizer_it_cannot_rebuild_is_refused():
+    from tokenizers import Tokenizer
+    from tokenizers.models import Unigram
+
+    unigram = Tokenizer(Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0)], unk_id=0))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=unigram, unk_token="<unk>")
+    with pytest.raises(ValueError, match="WordPiece and BPE.*'Unigram'"):
+        kept_ids(tokenizer, {1})
+
+
+@pytest.mark.parametrize(
+    ("passes", "export", "message"),
+    [
+        (
+            "[{name: prune_vocab}]",
+            "hf_int8",
+            "hf_int8.*reads the teacher's token ids",
+        ),
+        (
+            "[{name: prune_vocab, extra_text: [missing.txt]}]",
+            "hf",
+            "extra_text 'missing.txt': cannot read",
+        ),
+        (
+            "[{name: prune_vocab, target: teacher}]",
+            "hf",
+            "rewrites the student only",
+        ),
+    ],
+)
+def test_bad_uses_are_located(bert, tmp_path, registry, passes, export, message):
+    with pytest.raises(RecipeError, match=message):
+        build_plan(_recipe(tmp_path, bert, passes, export), registry)
