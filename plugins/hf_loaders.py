@@ -180,6 +180,11 @@ class TextOptions(BaseModel):
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
     limit: int | None = Field(None, gt=1, description="use at most this many texts")
+    extra_train: list[str] = Field(
+        default_factory=list,
+        description="more sources (as `source`) for the training split only; a text that "
+        "contains an eval text is left out",
+    )
     text_field: str = "text"
     label_field: str = "label"
     prompt_field: str = Field("prompt", description="jsonl, language-modeling: unscored part")
@@ -225,6 +230,14 @@ class TextData(DataLoader[TextOptions]):
             order = order[: o.limit]
         n_eval = max(1, round(len(order) * o.eval_fraction))
         splits = [order[n_eval:], order[:n_eval]]
+        if o.extra_train:
+            if labels is not None or o.task != "embedding":
+                raise RecipeError(
+                    recipe.locate(("data", "kwargs", "extra_train")),
+                    "extra_train adds unlabelled texts to an embedding task's training split",
+                    "task: embedding with an unlabelled source, or no extra_train",
+                )
+            rows, splits = self._with_extra(recipe, rows, splits)
         if o.task == "language-modeling":
             train, eval_ = (self._lm(tokenizer, [rows[i] for i in part]) for part in splits)
             return DataBundle(train, eval_, "language-modeling", collate_fn=trim_padding)
@@ -241,6 +254,26 @@ class TextData(DataLoader[TextOptions]):
         return DataBundle(
             datasets[0], datasets[1], task, len(names) or None, collate_fn=trim_padding
         )
+
+    def _with_extra(
+        self, recipe: Recipe, rows: list[Any], splits: list[list[int]]
+    ) -> tuple[list[Any], list[list[int]]]:
+        """`rows` and the training split grown by the `extra_train` sources' texts, each once,
+        none that is or contains an eval text (the library holds the reference's prose)."""
+        held_out = [str(rows[i]) for i in splits[1]]
+        seen = {str(r) for r in rows}
+        rows = list(rows)
+        train = list(splits[0])
+        for i, source in enumerate(self.options.extra_train):
+            where = recipe.locate(("data", "kwargs", "extra_train", i))
+            texts, _ = self._rows_of(source, recipe, where)
+            for text in map(str, texts):
+                if text in seen or any(h in text for h in held_out):
+                    continue
+                seen.add(text)
+                train.append(len(rows))
+                rows.append(text)
+        return rows, [train, splits[1]]
 
     def _tokenizer(self, recipe: Recipe) -> Any:
         o = self.options
@@ -264,15 +297,20 @@ class TextData(DataLoader[TextOptions]):
         return load_tokenizer(folder, None)
 
     def _rows(self, recipe: Recipe, where: Any) -> tuple[list[Any], list[str] | None]:
+        return self._rows_of(self.options.source, recipe, where)
+
+    def _rows_of(
+        self, source: str, recipe: Recipe, where: Any
+    ) -> tuple[list[Any], list[str] | None]:
         o = self.options
-        if o.source == "prose":
+        if source == "prose":
             return list(prose_sentences()), None
-        if o.source == "library":  # paragraphs: a split by paragraph shares no text
+        if source == "library":  # paragraphs: a split by paragraph shares no text
             return list(library_paragraphs()), None
-        if o.source == "docstrings":
+        if source == "docstrings":
             pairs = docstring_families()
             return [t for t, _ in pairs], [f for _, f in pairs]
-        file = recipe.resolve(o.source)
+        file = recipe.resolve(source)
         if not file.is_file():
             raise RecipeError(
                 where,

@@ -194,3 +194,28 @@ def test_a_tokenizer_it_cannot_rebuild_is_refused():
 def test_bad_uses_are_located(bert, tmp_path, registry, passes, export, message):
     with pytest.raises(RecipeError, match=message):
         build_plan(_recipe(tmp_path, bert, passes, export), registry)
+
+
+def test_extra_training_text_never_holds_an_eval_text(bert, tmp_path, registry):
+    # the library's paragraphs include the language reference's, which the eval sentences
+    # come from: any paragraph holding one stays out of training
+    recipe = _recipe(tmp_path, bert, passes="[]")
+    options = {"source": "prose", "task": "embedding", "max_length": 64, "limit": 400}
+    plain = registry.create("data_loader", "text", options).load(recipe.data, recipe)
+    grown = registry.create("data_loader", "text", {**options, "extra_train": ["library"]}).load(
+        recipe.data, recipe
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert)
+
+    def texts(dataset):
+        return [
+            tokenizer.decode(x["input_ids"][x["attention_mask"].bool()], skip_special_tokens=True)
+            for x, _ in dataset
+        ]
+
+    held_out = texts(grown.eval)
+    assert held_out == texts(plain.eval)  # the eval split is unchanged
+    assert len(grown.train) > 10 * len(plain.train)
+    training = texts(grown.train)
+    leaks = [(h, t) for t in training for h in held_out if h in t]
+    assert not leaks, leaks[:3]
