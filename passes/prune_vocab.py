@@ -3,12 +3,12 @@
 A sentence encoder's embedding table is often half its weights (all-MiniLM-L6-v2: 11.7M of
 22.7M parameters for 30,522 tokens), and most rows are tokens the student's domain never
 shows. This module pass keeps the tokens of the recipe's training text (plus `extra_text`
-files, the special tokens, and the pieces words fall back to), gathers those rows of the
-embedding table (and of a tied head), and rebuilds the tokenizer over the kept vocabulary,
+files, the special tokens, and the pieces words fall back to; with `min_count`, only the
+tokens used that often), gathers those rows of the embedding table (and of a tied head), and rebuilds the tokenizer over the kept vocabulary,
 so the exported Hugging Face folder tokenises raw text into the new ids by itself: a word
-whose pieces were dropped falls back to smaller kept pieces (WordPiece: single characters
-and `##` characters are kept; byte-level BPE: the 256 byte tokens and every token a kept
-token is merged from), else to the unknown token.
+whose pieces were dropped falls back to smaller kept pieces (WordPiece: the single-character
+and `##` pieces of every character the text uses are kept; byte-level BPE: the 256 byte
+tokens and every token a kept token is merged from), else to the unknown token.
 
 The recipe's data stay in the teacher's ids, which both models read: the student maps them
 to its own through a `vocab_map` buffer (teacher id -> student id, a dropped token -> the
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,10 +44,17 @@ class PruneVocabOptions(BaseModel):
         default_factory=list,
         description="text files (relative to the recipe) whose tokens are kept as well",
     )
-    fallback_pieces: bool = Field(
-        True,
-        description="keep the single-character pieces (WordPiece) or byte tokens (BPE) that "
-        "unseen words fall back to",
+    min_count: int = Field(
+        1,
+        ge=1,
+        description="keep a token the text uses at least this often (above 1, rarer ones read "
+        "as unknown in training and fall back to pieces in the exported tokenizer)",
+    )
+    fallback_pieces: Literal["seen", "all", "none"] = Field(
+        "seen",
+        description="single-character pieces unseen words fall back to (WordPiece): those of "
+        "the characters the text uses, all of them, or none; byte-level BPE keeps its byte "
+        "tokens unless none",
     )
 
 
@@ -74,7 +81,7 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
         if context.data is None:
             raise ValueError("prune_vocab needs the recipe's data: it keeps what the text uses")
         tokenizer = module.tokenizer
-        used = _used_ids(context.data, "train")
+        counts = _token_counts(context.data, "train")
         for name in self.options.extra_text:
             path = context.folder / name
             try:
@@ -83,33 +90,45 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
                 raise ValueError(
                     f"extra_text {name!r}: cannot read {path} as text ({exc})"
                 ) from None
-            used.update(tokenizer(text, add_special_tokens=False)["input_ids"])
-        keep = kept_ids(tokenizer, used, self.options.fallback_pieces)
+            for i in tokenizer(text, add_special_tokens=False)["input_ids"]:
+                counts[i] = counts.get(i, 0) + 1
+        used = {i for i, n in counts.items() if n >= self.options.min_count}
+        keep = kept_ids(tokenizer, used, self.options.fallback_pieces, text_ids=counts)
         old_size = module.hf_model.get_input_embeddings().weight.shape[0]
         before = sum(p.numel() for p in module.parameters())
         held_out = _outputs(module, context.data)
+        kept = set(keep)
         module.tokenizer = prune_tokenizer(tokenizer, keep)
         _prune_embeddings(module, keep, tokenizer)
         after = sum(p.numel() for p in module.parameters())
         moved = _distance(held_out, _outputs(module, context.data))
         eval_ids = _eval_token_counts(context.data)
-        kept = set(keep)
         covered = sum(n for i, n in eval_ids.items() if i in kept)
         total = sum(eval_ids.values())
         coverage = f"{covered / total:.2%}" if total else "n/a"
+        seen = sum(counts.values())
+        rare = sum(n for i, n in counts.items() if i not in kept) / seen if seen else 0.0
         context.notes.append(
-            f"prune_vocab: kept {len(keep):,} of {old_size:,} tokens ({len(used):,} seen in the "
-            f"training text); parameters {before:,} -> {after:,} "
+            f"prune_vocab: kept {len(keep):,} of {old_size:,} tokens ({len(used):,} of the "
+            f"{len(counts):,} the training text uses; {rare:.2%} of its tokens read as unknown); "
+            f"parameters {before:,} -> {after:,} "
             f"({(before - after) * 4 / 2**20:.1f} MiB less in fp32); on the eval text it covers "
             f"{coverage} of the tokens and moves the student's outputs by {moved}"
         )
         return module
 
 
-def kept_ids(tokenizer: Any, used: Iterable[int], fallback_pieces: bool = True) -> list[int]:
-    """The teacher ids to keep, ascending: `used`, the special and added tokens, with
-    `fallback_pieces` the pieces unseen words fall back to, and for BPE every token a kept
-    token is merged from (a merge needs its parts)."""
+def kept_ids(
+    tokenizer: Any,
+    used: Iterable[int],
+    fallback_pieces: str = "seen",
+    text_ids: Iterable[int] | None = None,
+) -> list[int]:
+    """The teacher ids to keep, ascending: `used`, the special and added tokens, the
+    single-character pieces unseen words fall back to (`fallback_pieces`: of the characters
+    in `text_ids` (default `used`), all, or none), and for BPE every token a kept token is
+    merged from (a merge needs its parts)."""
+    used = set(used)
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = state["model"]
     if model["type"] not in SUPPORTED_MODELS:
@@ -120,11 +139,20 @@ def kept_ids(tokenizer: Any, used: Iterable[int], fallback_pieces: bool = True) 
     vocab: dict[str, int] = model["vocab"]
     keep = set(used) | set(tokenizer.all_special_ids)
     keep |= {t["id"] for t in state.get("added_tokens", [])}
-    if fallback_pieces:
+    if fallback_pieces != "none":
         prefix = model.get("continuing_subword_prefix") or ""
+        by_id = {i: t for t, i in vocab.items()}
+
+        def bare(token: str) -> str:
+            return token[len(prefix) :] if prefix and token.startswith(prefix) else token
+
+        spelled = used if text_ids is None else set(text_ids)
+        characters = {c for i in spelled if i in by_id for c in bare(by_id[i])}
         for token, i in vocab.items():
-            piece = token[len(prefix) :] if prefix and token.startswith(prefix) else token
-            if len(piece) == 1:
+            piece = bare(token)
+            # byte-level BPE: single characters are its byte alphabet, always kept
+            wanted = fallback_pieces == "all" or model["type"] == "BPE" or piece in characters
+            if len(piece) == 1 and wanted:
                 keep.add(i)
     if model["type"] == "BPE":  # the parts of every kept token, recursively
         parts = {a + b: (a, b) for a, b in (_pair(m) for m in reversed(model["merges"]))}
@@ -248,10 +276,6 @@ def _distance(before: torch.Tensor | None, after: torch.Tensor | None) -> str:
         return "n/a (no eval text)"
     cosine = torch.nn.functional.cosine_similarity(before, after, dim=-1)
     return f"1 - cosine = {float((1 - cosine).mean()):.4f} on average"
-
-
-def _used_ids(data: Any, split: str) -> set[int]:
-    return set(_token_counts(data, split))
 
 
 def _eval_token_counts(data: Any) -> dict[int, int]:

