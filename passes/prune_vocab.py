@@ -4,16 +4,17 @@ A sentence encoder's embedding table is often half its weights (all-MiniLM-L6-v2
 22.7M parameters for 30,522 tokens), and most rows are tokens the student's domain never
 shows. This module pass keeps the tokens of the recipe's training text (plus `extra_text`
 files, the special tokens, and the pieces words fall back to; with `min_count`, only the
-tokens used that often), gathers those rows of the embedding table (and of a tied head), and rebuilds the tokenizer over the kept vocabulary,
-so the exported Hugging Face folder tokenises raw text into the new ids by itself: a word
+tokens used that often), gathers those rows of the embedding table, and rebuilds the
+tokenizer over the kept vocabulary, so the exported Hugging Face folder tokenises raw text
+into the new ids by itself: a word
 whose pieces were dropped falls back to smaller kept pieces (WordPiece: the single-character
 and `##` pieces of every character the text uses are kept; byte-level BPE: the 256 byte
 tokens and every token a kept token is merged from), else to the unknown token.
 
 The recipe's data stay in the teacher's ids, which both models read: the student maps them
 to its own through a `vocab_map` buffer (teacher id -> student id, a dropped token -> the
-unknown token) at the start of its forward. Training text is fully covered, so the map is
-exact there. Exporters that write a graph keep the map (the file reads teacher ids); the
+unknown token) at the start of its forward. With `min_count: 1` the training text is fully
+covered, so the map is exact there. Exporters that write a graph keep the map (the file reads teacher ids); the
 `hf` folder drops it (its model reads the ids of its own tokenizer).
 
 Supported: fast tokenizers whose model is WordPiece (BERT family) or BPE (GPT-2, Llama 3,
@@ -97,23 +98,17 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
         old_size = module.hf_model.get_input_embeddings().weight.shape[0]
         before = sum(p.numel() for p in module.parameters())
         held_out = _outputs(module, context.data)
-        kept = set(keep)
         module.tokenizer = prune_tokenizer(tokenizer, keep)
         _prune_embeddings(module, keep, tokenizer)
         after = sum(p.numel() for p in module.parameters())
-        moved = _distance(held_out, _outputs(module, context.data))
-        eval_ids = _eval_token_counts(context.data)
-        covered = sum(n for i, n in eval_ids.items() if i in kept)
-        total = sum(eval_ids.values())
-        coverage = f"{covered / total:.2%}" if total else "n/a"
-        seen = sum(counts.values())
-        rare = sum(n for i, n in counts.items() if i not in kept) / seen if seen else 0.0
+        kept = set(keep)
         context.notes.append(
             f"prune_vocab: kept {len(keep):,} of {old_size:,} tokens ({len(used):,} of the "
-            f"{len(counts):,} the training text uses; {rare:.2%} of its tokens read as unknown); "
-            f"parameters {before:,} -> {after:,} "
+            f"{len(counts):,} the training text uses; {_share_out(counts, kept)} of its tokens "
+            f"read as unknown); parameters {before:,} -> {after:,} "
             f"({(before - after) * 4 / 2**20:.1f} MiB less in fp32); on the eval text it covers "
-            f"{coverage} of the tokens and moves the student's outputs by {moved}"
+            f"{_share_in(_token_counts(context.data, 'eval'), kept)} of the tokens and moves the "
+            f"student's outputs by {_distance(held_out, _outputs(module, context.data))}"
         )
         return module
 
@@ -221,8 +216,9 @@ def _renumber_templates(node: Any, new_id: dict[int, int]) -> None:
 
 
 def _prune_embeddings(module: HFModule, keep: list[int], teacher_tokenizer: Any) -> None:
-    """Gather the kept rows of the input embeddings (and of an output head over the
-    vocabulary), renumber the config's token ids, and install the teacher -> student map."""
+    """Gather the kept rows of the input embeddings, renumber the config's token ids, and
+    install the teacher -> student map (encoders and classifiers have no head over the
+    vocabulary)."""
     model = module.hf_model
     index = torch.tensor(keep)
     old = model.get_input_embeddings()
@@ -278,8 +274,15 @@ def _distance(before: torch.Tensor | None, after: torch.Tensor | None) -> str:
     return f"1 - cosine = {float((1 - cosine).mean()):.4f} on average"
 
 
-def _eval_token_counts(data: Any) -> dict[int, int]:
-    return _token_counts(data, "eval")
+def _share_in(counts: dict[int, int], kept: set[int]) -> str:
+    """The share of the text's tokens that are kept."""
+    total = sum(counts.values())
+    return f"{sum(n for i, n in counts.items() if i in kept) / total:.2%}" if total else "n/a"
+
+
+def _share_out(counts: dict[int, int], kept: set[int]) -> str:
+    total = sum(counts.values())
+    return f"{sum(n for i, n in counts.items() if i not in kept) / total:.2%}" if total else "n/a"
 
 
 def _token_counts(data: Any, split: str) -> dict[int, int]:
