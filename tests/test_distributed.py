@@ -105,6 +105,8 @@ def test_minilm_on_two_ranks_weights_tokens_like_one_process(tmp_path):
         "train.checkpoint_every=4",
         "export=[]",
         "data.kwargs.limit=300",
+        "data.kwargs.extra_train=[]",
+        "teacher_cache=null",  # one process's cache: refused under torchrun
         "teacher.kwargs.hidden_dropout_prob=0.0",
         "teacher.kwargs.attention_probs_dropout_prob=0.0",
         "--quiet",

@@ -37,6 +37,7 @@ BUILTIN = {
     "moe_losses",
     "preference",
     "student_layers",
+    "prune_vocab",
     "fused_head",
     "hf_loaders",
     "transformer_losses",
@@ -63,7 +64,12 @@ def test_builtins_load_through_entry_points(registry):
         "moe_balance",
         "ofa",
     ]
-    assert registry.names("module_pass") == ["moe_routing", "moe_upcycle", "student_layers"]
+    assert registry.names("module_pass") == [
+        "moe_routing",
+        "moe_upcycle",
+        "prune_vocab",
+        "student_layers",
+    ]
     assert registry.names("exporter") == ["hf", "hf_int8", "onnx", "onnx_int8"]
     assert registry.names("graph_pass") == [
         "fused_head",
