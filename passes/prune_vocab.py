@@ -132,11 +132,11 @@ def kept_ids(
             f"{model['type']!r} ({type(tokenizer).__name__})"
         )
     vocab: dict[str, int] = model["vocab"]
-    keep = set(used) | set(tokenizer.all_special_ids)
+    by_id = {i: t for t, i in vocab.items()}
+    keep = used | set(tokenizer.all_special_ids)
     keep |= {t["id"] for t in state.get("added_tokens", [])}
     if fallback_pieces != "none":
         prefix = model.get("continuing_subword_prefix") or ""
-        by_id = {i: t for t, i in vocab.items()}
 
         def bare(token: str) -> str:
             return token[len(prefix) :] if prefix and token.startswith(prefix) else token
@@ -150,8 +150,8 @@ def kept_ids(
             if len(piece) == 1 and wanted:
                 keep.add(i)
     if model["type"] == "BPE":  # the parts of every kept token, recursively
+        # the first merge that makes a token is the one BPE applies: reversed, it wins
         parts = {a + b: (a, b) for a, b in (_pair(m) for m in reversed(model["merges"]))}
-        by_id = {i: t for t, i in vocab.items()}
         todo = [by_id[i] for i in keep if i in by_id]
         while todo:
             token = todo.pop()
@@ -173,9 +173,7 @@ def prune_tokenizer(tokenizer: Any, keep: list[int]) -> Any:
     model = state["model"]
     model["vocab"] = {t: new_id[i] for t, i in model["vocab"].items() if i in new_id}
     if model["type"] == "BPE":  # a merge stays when its parts and its result stay
-        kept = model["vocab"]
-        merges = [m for m in model["merges"] if _merged(m, kept)]
-        model["merges"] = merges
+        model["merges"] = [m for m in model["merges"] if _merged(m, model["vocab"])]
     for added in state.get("added_tokens", []):
         added["id"] = new_id[added["id"]]
     _renumber_templates(state.get("post_processor"), new_id)

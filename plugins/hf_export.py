@@ -310,12 +310,17 @@ def own_inputs(
 
 
 def folder_ids(folder: Path, inputs: tuple[Inputs, ...]) -> tuple[Inputs, ...]:
-    """Inputs in the teacher's token ids, as the model in `folder` reads them."""
+    """`inputs` in the teacher's token ids, turned into the ids the model in `folder` reads
+    (unchanged for a folder without a pruned vocabulary)."""
     kept = folder / KEPT_IDS
     if not kept.is_file():
         return inputs
     teacher_ids = torch.tensor(json.loads(kept.read_text()))
-    own = torch.zeros(int(teacher_ids.max()) + 1, dtype=torch.long)
+    highest = max(
+        [int(teacher_ids.max())]
+        + [int(x["input_ids"].max()) for x in inputs if isinstance(x, dict)]
+    )
+    own = torch.zeros(highest + 1, dtype=torch.long)
     own[teacher_ids] = torch.arange(len(teacher_ids))  # dropped tokens: id 0 (timing only)
     return tuple(_map_ids(x, own) for x in inputs)
 

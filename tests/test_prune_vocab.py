@@ -252,3 +252,14 @@ def test_extra_training_text_never_holds_an_eval_text(bert, tmp_path, registry):
     training = texts(grown.train)
     leaks = [(h, t) for t in training for h in held_out if h in t]
     assert not leaks, leaks[:3]
+
+
+def test_folder_ids_turn_teacher_ids_into_the_folders(tmp_path):
+    from compressor.plugins.hf_export import KEPT_IDS, folder_ids
+
+    (tmp_path / KEPT_IDS).write_text("[0, 5, 7]")  # the folder's ids 0, 1, 2
+    x = {"input_ids": torch.tensor([[0, 7, 5, 9]]), "attention_mask": torch.ones(1, 4)}
+    (mapped,) = folder_ids(tmp_path, (x,))
+    assert mapped["input_ids"].tolist() == [[0, 2, 1, 0]]  # 9 was dropped (and is the highest)
+    assert mapped["attention_mask"] is x["attention_mask"]
+    assert folder_ids(tmp_path / "elsewhere", (x,))[0] is x  # not a pruned folder
