@@ -209,9 +209,8 @@ def train(
                     if weight is not None:
                         terms = [t * w for t, w in zip(terms, weight.tolist(), strict=True)]
                     sum(terms[1:], terms[0]).backward()
-                done_terms = [
-                    t.detach().float() for t in terms
-                ]  # fp32 ones are returned as they are
+                # summed over micro-batches in fp32 (a float32 term is returned as it is)
+                done_terms = [t.detach().float() for t in terms]
                 step_terms = (
                     [a + b for a, b in zip(step_terms, done_terms, strict=True)]
                     if step_terms

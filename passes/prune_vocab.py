@@ -77,7 +77,7 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
                 "prune_vocab prunes encoders and classifiers: a causal LM's logits would cover "
                 "the kept tokens only, and the teacher's every token"
             )
-        if VOCAB_MAP in module._buffers:
+        if module.teacher_id_map is not None:
             raise ValueError("prune_vocab runs once: this student's vocabulary is pruned already")
         if context.data is None:
             raise ValueError("prune_vocab needs the recipe's data: it keeps what the text uses")

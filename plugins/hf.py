@@ -59,8 +59,13 @@ class HFModule(nn.Module):
         self.hf_model.train(mode)
         return self
 
+    @property
+    def teacher_id_map(self) -> torch.Tensor | None:
+        """With a pruned vocabulary, the map from the teacher's token ids to this model's."""
+        return self._buffers.get(VOCAB_MAP)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        vocab_map = self._buffers.get(VOCAB_MAP)
+        vocab_map = self.teacher_id_map
         if vocab_map is not None:
             input_ids = vocab_map[input_ids]
         extra = {"use_cache": False} if self.task == "causal-lm" else {}

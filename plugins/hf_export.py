@@ -292,7 +292,7 @@ KEPT_IDS = "teacher_token_ids.json"
 
 def own_ids(module: nn.Module | None) -> torch.Tensor | None:
     """A pruned student's map from the teacher's token ids to its own, else None."""
-    return module._buffers.get(VOCAB_MAP) if isinstance(module, HFModule) else None
+    return module.teacher_id_map if isinstance(module, HFModule) else None
 
 
 def own_inputs(

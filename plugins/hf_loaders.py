@@ -21,7 +21,7 @@ from torch.utils.data import default_collate
 from compressor.errors import Problem, RecipeError
 from compressor.hookspecs import hookimpl
 from compressor.loading import IGNORE, Batch, DataBundle, DataLoader, ModelLoader
-from compressor.plugins.hf import TASKS, VOCAB_MAP, HFModule, package_folder
+from compressor.plugins.hf import TASKS, HFModule, package_folder
 from compressor.plugins.text_corpora import (
     docstring_families,
     library_paragraphs,
@@ -451,7 +451,7 @@ def compressor_validate_models(
 def _ids_read(model: HFModule) -> int:
     """How many token ids a model reads: its embedding rows, or, with a pruned vocabulary,
     the teacher's ids its map covers."""
-    vocab_map = model._buffers.get(VOCAB_MAP)
+    vocab_map = model.teacher_id_map
     if vocab_map is not None:
         return int(vocab_map.shape[0])
     return int(model.hf_model.get_input_embeddings().num_embeddings)
@@ -460,7 +460,7 @@ def _ids_read(model: HFModule) -> int:
 def _same_tokenizer(teacher: HFModule, student: HFModule, recipe: Recipe) -> list[Problem]:
     if teacher.tokenizer is None or student.tokenizer is None:
         return []
-    if VOCAB_MAP in student._buffers:  # prune_vocab: it maps the teacher's ids to its own
+    if student.teacher_id_map is not None:  # prune_vocab: it maps the teacher's ids to its own
         return []
     t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
     if t_vocab == s_vocab:
