@@ -256,6 +256,39 @@ train: {{steps: 2}}
         assert torch.equal(got, original[index].mlp.down_proj.weight)
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_ranking_replays_earlier_blocks_exactly(tiny, family):
+    """Replaying the blocks before the skipped one gives the scores of running them all."""
+    from compressor.passes.student_layers import _moved, _skipping, rank_blocks
+
+    task = "causal-lm" if family == "llama" else "feature-extraction"
+    model = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    module = HFModule(model.from_pretrained(tiny[family]), task).eval()
+    torch.manual_seed(1)
+    batches = [
+        {"input_ids": torch.randint(5, 1000, (2, 12)), "attention_mask": torch.ones(2, 12)}
+        for _ in range(2)
+    ]
+    batches[1]["attention_mask"][1, 7:] = 0
+    blocks = (
+        module.hf_model.base_model.layers if family == "llama" else module.hf_model.encoder.layer
+    )
+    with torch.no_grad():
+        full = [module(**x) for x in batches]
+        expected = []
+        for block in blocks:
+            with _skipping(block):
+                moved = [
+                    _moved(task, f, module(**x), x) for f, x in zip(full, batches, strict=True)
+                ]
+            expected.append(sum(moved) / len(moved))
+    got = rank_blocks(module, blocks, batches, "kl_drop")
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert min(got) > 0  # every block of a random model moves the output
+    with torch.no_grad():  # and the blocks compute again afterwards
+        assert torch.equal(module(**batches[0]), full[0])
+
+
 def test_keep_n_ranks_encoder_blocks_by_embedding_change(tiny, tmp_path, registry):
     text = _encoder_recipe(tiny["bert"], tmp_path / "run").replace(
         "{name: student_layers, layers: [0, 3]}", "{name: student_layers, keep: 2}"
@@ -374,6 +407,39 @@ def test_the_library_corpus_is_every_prose_paragraph_once():
     first = " ".join(json_module.__doc__.split("\n\n")[0].split())
     assert first in paragraphs
     assert not any(p.startswith(">>>") or len(p) < 60 for p in paragraphs)
+
+
+def test_a_general_corpus_leaves_out_the_task_texts_and_task_data_can_be_limited(
+    tiny, tmp_path, registry
+):
+    (tmp_path / "task.txt").write_text("the queue is thread safe\nsockets talk to other hosts\n")
+    clean = [f"json reads text into objects number {i}" for i in range(8)]
+    overlapping = [
+        "the queue is thread safe",  # a task text
+        "a note: the queue is thread safe, said the docs",  # holds one
+        "talk to other",  # part of one
+    ]
+    (tmp_path / "general.txt").write_text("\n".join(clean + overlapping) + "\n")
+    recipe = load_recipe(_write(tmp_path, _encoder_recipe(tiny["bert"], tmp_path / "run")))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny["bert"])
+    options = {"source": "general.txt", "tokenizer": str(tiny["bert"]), "max_length": 16}
+
+    def load(**more):
+        return registry.create("data_loader", "text", {**options, **more}).load(recipe.data, recipe)
+
+    def texts(dataset):
+        return [
+            tokenizer.decode(x["input_ids"][x["attention_mask"].bool()], skip_special_tokens=True)
+            for x, _ in dataset
+        ]
+
+    kept = load(exclude=["task.txt"])
+    assert sorted(texts(kept.train) + texts(kept.eval)) == sorted(clean)
+    full, limited = load(), load(train_limit=3)
+    assert texts(limited.eval) == texts(full.eval)  # the held-out texts stay as they were
+    assert texts(limited.train) == texts(full.train)[:3]
+    tokens = sum(int(x["attention_mask"].sum()) for x, _ in limited.train)
+    assert limited.sizes() == {"train_samples": 3, "eval_samples": 2, "train_tokens": tokens}
 
 
 def test_jsonl_prompts_are_not_scored(tiny, tmp_path, registry):
