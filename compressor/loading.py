@@ -57,6 +57,15 @@ class DataBundle:
             inputs, target = self.collate_fn([dataset[int(i)] for i in indices])
         return to_device(inputs, device), target.to(device)
 
+    def sizes(self) -> dict[str, int]:
+        """Samples per split, and for text (items with an attention mask) the tokens the
+        training split holds, padding not counted."""
+        out = {"train_samples": len(self.train), "eval_samples": len(self.eval)}
+        first = self.train[0][0] if len(self.train) else None
+        if isinstance(first, dict) and "attention_mask" in first:
+            out["train_tokens"] = sum(int(x["attention_mask"].sum()) for x, _ in self.train)
+        return out
+
 
 def to_device(inputs: Inputs, device: torch.device) -> Inputs:
     if isinstance(inputs, dict):

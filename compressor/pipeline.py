@@ -145,6 +145,7 @@ def train_stages(
                 "steps": result.steps,
                 "teacher": plan.recipe.teacher.model_dump() if plan.recipe.teacher else None,
                 "data": plan.recipe.data.model_dump(),
+                "data_sizes": plan.data.sizes(),
                 "losses": [{"name": b.label, "weight": b.weight} for b in plan.losses],
                 "initial_eval": result.initial_eval,
                 "final_eval": result.final_eval,

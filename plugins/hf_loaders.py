@@ -185,6 +185,14 @@ class TextOptions(BaseModel):
         description="more sources (as `source`) for the training split only; a text that "
         "contains an eval text is left out",
     )
+    train_limit: int | None = Field(
+        None, gt=0, description="use at most this many training texts (the eval split stays)"
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="sources (as `source`) whose texts are left out: a text that is, "
+        "contains or is part of one of theirs (a general corpus without the task's texts)",
+    )
     text_field: str = "text"
     label_field: str = "label"
     prompt_field: str = Field("prompt", description="jsonl, language-modeling: unscored part")
@@ -220,6 +228,10 @@ class TextData(DataLoader[TextOptions]):
         where = recipe.locate(("data", "kwargs", "source"))
         tokenizer = self._tokenizer(recipe)
         rows, labels = self._rows(recipe, where)
+        if o.exclude:
+            kept = self._not_excluded(recipe, rows)
+            rows = [rows[i] for i in kept]
+            labels = [labels[i] for i in kept] if labels is not None else None
         if o.task == "classification" and labels is None:
             raise RecipeError(
                 where, f"source {o.source!r} has no labels", "docstrings, or a .jsonl with labels"
@@ -229,7 +241,7 @@ class TextData(DataLoader[TextOptions]):
         if o.limit is not None:
             order = order[: o.limit]
         n_eval = max(1, round(len(order) * o.eval_fraction))
-        splits = [order[n_eval:], order[:n_eval]]
+        splits = [order[n_eval:][: o.train_limit], order[:n_eval]]
         if o.extra_train:
             if labels is not None or o.task != "embedding":
                 raise RecipeError(
@@ -274,6 +286,19 @@ class TextData(DataLoader[TextOptions]):
                 train.append(len(rows))
                 rows.append(text)
         return rows, [train, splits[1]]
+
+    def _not_excluded(self, recipe: Recipe, rows: list[Any]) -> list[int]:
+        """Indices of the rows that share no text with the `exclude` sources."""
+        excluded: set[str] = set()
+        for i, source in enumerate(self.options.exclude):
+            where = recipe.locate(("data", "kwargs", "exclude", i))
+            excluded.update(map(str, self._rows_of(source, recipe, where)[0]))
+        joined = "\0".join(excluded)  # one search finds a row inside any excluded text
+        return [
+            i
+            for i, row in enumerate(map(str, rows))
+            if row not in joined and not any(text in row for text in excluded)
+        ]
 
     def _tokenizer(self, recipe: Recipe) -> Any:
         o = self.options
