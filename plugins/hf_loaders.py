@@ -25,6 +25,7 @@ from compressor.plugins.hf import TASKS, HFModule, package_folder
 from compressor.plugins.text_corpora import (
     docstring_families,
     library_paragraphs,
+    library_sentences,
     prose_sentences,
 )
 from compressor.recipe import DataSpec, ModelSpec, Recipe
@@ -171,7 +172,8 @@ class TextOptions(BaseModel):
     source: str = Field(
         "prose",
         description="prose (language reference sentences), library (every prose paragraph of "
-        "the standard library's documentation and docstrings), docstrings (labelled by stdlib "
+        "the standard library's documentation and docstrings), library-sentences (their "
+        "sentences), docstrings (labelled by stdlib "
         "family), or a .txt (one text per line) / .jsonl file",
     )
     task: Task = "embedding"
@@ -332,6 +334,8 @@ class TextData(DataLoader[TextOptions]):
             return list(prose_sentences()), None
         if source == "library":  # paragraphs: a split by paragraph shares no text
             return list(library_paragraphs()), None
+        if source == "library-sentences":
+            return list(library_sentences()), None
         if source == "docstrings":
             pairs = docstring_families()
             return [t for t, _ in pairs], [f for _, f in pairs]
@@ -340,7 +344,7 @@ class TextData(DataLoader[TextOptions]):
             raise RecipeError(
                 where,
                 f"text file not found: {file}",
-                "prose, library, docstrings, a .txt or .jsonl file",
+                "prose, library, library-sentences, docstrings, a .txt or .jsonl file",
             )
         if file.suffix == ".txt":
             return [ln.strip() for ln in file.read_text().splitlines() if ln.strip()], None

@@ -7,7 +7,8 @@
 - `library_paragraphs()`: every prose paragraph the standard library carries: the
   documentation topics and the docstrings of its modules, classes and functions, read from
   the source files (nothing is imported), deduplicated; about 7,400 paragraphs, 1.2M
-  characters, for general distillation and language modelling.
+  characters, for general distillation and language modelling; `library_sentences()`, their
+  sentences (about 11,400), for sentence encoders.
 
 Both are deterministic: same Python version, same texts in the same order.
 """
@@ -20,7 +21,7 @@ import importlib
 import inspect
 import re
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
@@ -91,13 +92,22 @@ def library_paragraphs() -> tuple[str, ...]:
 
 
 def prose_sentences(min_chars: int = 30, max_chars: int = 300) -> list[str]:
-    seen: dict[str, None] = {}
-    for paragraph in prose_paragraphs():
+    return list(dict.fromkeys(_sentences(prose_paragraphs(), min_chars, max_chars)))
+
+
+@functools.cache
+def library_sentences(min_chars: int = 30, max_chars: int = 300) -> tuple[str, ...]:
+    """The sentences of every library paragraph, each once: short texts like the prose
+    sentences, from the whole library."""
+    return tuple(dict.fromkeys(_sentences(library_paragraphs(), min_chars, max_chars)))
+
+
+def _sentences(paragraphs: Iterable[str], min_chars: int, max_chars: int) -> Iterator[str]:
+    for paragraph in paragraphs:
         for sentence in _SENTENCE_END.split(paragraph):
             sentence = sentence.strip()
             if min_chars <= len(sentence) <= max_chars:
-                seen.setdefault(sentence, None)
-    return list(seen)
+                yield sentence
 
 
 def docstring_families(min_chars: int = 40) -> list[tuple[str, str]]:

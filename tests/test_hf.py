@@ -22,6 +22,7 @@ from compressor.plugins.hf import HFModule, package_folder
 from compressor.plugins.text_corpora import (
     docstring_families,
     library_paragraphs,
+    library_sentences,
     prose_paragraphs,
     prose_sentences,
 )
@@ -407,6 +408,12 @@ def test_the_library_corpus_is_every_prose_paragraph_once():
     first = " ".join(json_module.__doc__.split("\n\n")[0].split())
     assert first in paragraphs
     assert not any(p.startswith(">>>") or len(p) < 60 for p in paragraphs)
+    sentences = library_sentences()
+    assert len(set(sentences)) == len(sentences) > 2 * len(prose_sentences())
+    assert set(prose_sentences()) <= set(sentences)
+    assert all(
+        30 <= len(s) <= 300 and any(s in p for p in paragraphs[:2000]) for s in sentences[:50]
+    )
 
 
 def test_a_general_corpus_leaves_out_the_task_texts_and_task_data_can_be_limited(
