@@ -49,13 +49,29 @@ class TrainResult:
     teacher_cache: dict[str, Any] | None = None  # CacheStats.summary() of a cached teacher
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+# Batches sorted together by length: enough for batches of near-equal lengths, few enough that
+# an epoch's first and last windows hold alike texts (Hugging Face's grouped sampler uses 50).
+LENGTH_WINDOW = 50
+
+
+def batch_indices(
+    step: int, n: int, batch_size: int, seed: int, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """Indices of the batch at `step`: epoch-wise shuffles seeded by (seed, epoch), last partial
-    batch dropped."""
+    batch dropped. With `lengths` (one per item), each window of LENGTH_WINDOW batches of the
+    shuffle is sorted by length before it is cut into batches, and the epoch's batches are
+    then shuffled: a batch holds texts of similar length and pads little, and the order of
+    long and short batches stays random."""
     batch_size = min(batch_size, n)
     per_epoch = n // batch_size
     epoch, position = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator)[: per_epoch * batch_size]
+    if lengths is not None:
+        windows = order.split(LENGTH_WINDOW * batch_size)
+        order = torch.cat([w[lengths[w].argsort(descending=True, stable=True)] for w in windows])
+        batch = torch.randperm(per_epoch, generator=generator)[position]
+        return order.view(per_epoch, batch_size)[batch]
     return order[position * batch_size : (position + 1) * batch_size]
 
 
@@ -69,6 +85,7 @@ def train(
     checkpoints = run_dir / "checkpoints"
     metrics_path = run_dir / METRICS
     n_train = len(plan.data.train)
+    lengths = plan.data.lengths() if recipe.data.group_by_length else None
     _check_split(plan, world)
     # Loss values and gradient norms are read back (and checked) only when logged, evaluated
     # or checkpointed: on a GPU every read is a device sync. A bad step is still reported at
@@ -187,7 +204,7 @@ def train(
     steps_schedule = not plan.schedule.constant()
     began = time.perf_counter()
     for step in range(start, cfg.steps):
-        indices = batch_indices(step, n_train, recipe.data.batch_size, recipe.seed)
+        indices = batch_indices(step, n_train, recipe.data.batch_size, recipe.seed, lengths)
         parts = [world.slice(indices)]
         if cfg.grad_accum > 1:
             parts = [p for p in parts[0].tensor_split(cfg.grad_accum) if len(p)]

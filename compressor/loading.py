@@ -11,7 +11,7 @@ import sys
 import sysconfig
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class DataBundle:
     task: str = "classification"
     num_classes: int | None = None
     collate_fn: Callable[[list[Any]], Batch] = default_collate
+    _lengths: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def batch(self, split: str, indices: Iterable[Any], device: torch.device) -> Batch:
         """The items at `indices` of `split` ("train" or "eval") as one batch on `device`."""
@@ -61,10 +62,20 @@ class DataBundle:
         """Samples per split, and for text (items with an attention mask) the tokens the
         training split holds, padding not counted."""
         out = {"train_samples": len(self.train), "eval_samples": len(self.eval)}
-        first = self.train[0][0] if len(self.train) else None
-        if isinstance(first, dict) and "attention_mask" in first:
-            out["train_tokens"] = sum(int(x["attention_mask"].sum()) for x, _ in self.train)
+        lengths = self.lengths()
+        if lengths is not None:
+            out["train_tokens"] = int(lengths.sum())
         return out
+
+    def lengths(self) -> torch.Tensor | None:
+        """Real tokens (the attention mask's sum) of every training item, computed once; None
+        when the items have no attention mask."""
+        first = self.train[0][0] if len(self.train) else None
+        if not isinstance(first, dict) or "attention_mask" not in first:
+            return None
+        if self._lengths is None:
+            self._lengths = torch.tensor([int(x["attention_mask"].sum()) for x, _ in self.train])
+        return self._lengths
 
 
 def to_device(inputs: Inputs, device: torch.device) -> Inputs:

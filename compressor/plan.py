@@ -547,6 +547,13 @@ def load_data(recipe: Recipe, loader: DataLoader[Any]) -> DataBundle:
         raise RecipeError(
             recipe.locate(("data",)), "the data loader returned an empty train or eval set"
         )
+    if recipe.data.group_by_length and data.lengths() is None:
+        raise RecipeError(
+            recipe.locate(("data", "group_by_length"), prefer_key=True),
+            f"group_by_length needs a length for every item, and the {recipe.data.loader!r} "
+            "loader's items have no attention_mask to count it from",
+            "group_by_length with text loaders (items with an attention_mask), or leave it out",
+        )
     return data
 
 

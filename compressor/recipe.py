@@ -97,6 +97,8 @@ class DataSpec(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(256, gt=0)
+    # Training batches of texts of similar length, which pad little (see batch_indices).
+    group_by_length: bool = False
 
 
 class CaptureSpec(Strict):

@@ -79,6 +79,7 @@ data:
   loader: text
   kwargs: {{source: prose, task: embedding, max_length: 32, limit: 160}}
   batch_size: 8
+  group_by_length: true
   eval_batch_size: 32
 losses:
   - {{name: embedding_cosine}}

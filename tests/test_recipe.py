@@ -37,7 +37,7 @@ def test_misspelt_key_names_file_line_column_and_suggests(write_recipe):
         f"{path}:{line}:3 (data.batchsize): unknown key 'batchsize' (did you mean 'batch_size'?)"
         in message
     )
-    assert "allowed: batch_size, eval_batch_size, kwargs, loader" in message
+    assert "allowed: batch_size, eval_batch_size, group_by_length, kwargs, loader" in message
 
 
 def test_wrong_type_points_at_the_value(write_recipe):
@@ -171,6 +171,16 @@ def test_bad_overrides_point_at_the_command_line(write_recipe):
     assert "<command line> (train.steps)" in _error(path, overrides=["train.steps=-1"])
     assert "is not key.path=value" in _error(path, overrides=["train.steps"])
     assert "not an index" in _error(path, overrides=["losses.9.weight=1"])
+
+
+def test_length_grouping_needs_items_with_lengths(write_recipe, registry):
+    path = write_recipe(
+        FAST_RECIPE.replace("  batch_size: 32", "  batch_size: 32\n  group_by_length: true")
+    )
+    message = _error(path, registry)
+    line = _line_of(path, "group_by_length")
+    assert f"{path}:{line}:3 (data.group_by_length): group_by_length needs a length" in message
+    assert "'digits' loader's items have no attention_mask" in message
 
 
 BROKEN = {
