@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import math
 import statistics
@@ -63,16 +64,24 @@ def batch_indices(
     then shuffled: a batch holds texts of similar length and pads little, and the order of
     long and short batches stays random."""
     batch_size = min(batch_size, n)
+    epoch, position = divmod(step, n // batch_size)
+    return _epoch_batches(n, batch_size, seed, epoch, lengths)[position]
+
+
+@functools.lru_cache(maxsize=1)
+def _epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, lengths: torch.Tensor | None
+) -> torch.Tensor:
+    """[batches, batch_size]: one epoch's draw, made once and read by each of its steps (the
+    cache keeps `lengths` alive, so its identity stands for its contents)."""
     per_epoch = n // batch_size
-    epoch, position = divmod(step, per_epoch)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=generator)[: per_epoch * batch_size]
-    if lengths is not None:
-        windows = order.split(LENGTH_WINDOW * batch_size)
-        order = torch.cat([w[lengths[w].argsort(descending=True, stable=True)] for w in windows])
-        batch = torch.randperm(per_epoch, generator=generator)[position]
-        return order.view(per_epoch, batch_size)[batch]
-    return order[position * batch_size : (position + 1) * batch_size]
+    if lengths is None:
+        return order.view(per_epoch, batch_size)
+    windows = order.split(LENGTH_WINDOW * batch_size)
+    order = torch.cat([w[lengths[w].argsort(descending=True, stable=True)] for w in windows])
+    return order.view(per_epoch, batch_size)[torch.randperm(per_epoch, generator=generator)]
 
 
 def train(
