@@ -8,7 +8,7 @@ docs/plugins.md shows each kind in use.
 from compressor.components import Component, NoOptions
 from compressor.errors import Problem, RecipeError
 from compressor.evaluate import EvalContext, Evaluator
-from compressor.export import ExportContext, Exporter, ExportResult
+from compressor.export import ExportContext, Exporter, ExportResult, Runner
 from compressor.graph_pass import (
     BYPASS,
     INPUT_META,
@@ -81,6 +81,7 @@ __all__ = [
     "Problem",
     "Recipe",
     "RecipeError",
+    "Runner",
     "ScheduleFactory",
     "Shapes",
     "StagePreset",

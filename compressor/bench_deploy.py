@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_model
 
 from compressor.errors import CompressorError
-from compressor.loading import Inputs, call_model, to_device
-from compressor.measure import latency_inputs
+from compressor.loading import Inputs, to_device
+from compressor.measure import latency_inputs, torch_runner
 from compressor.pipeline import recorded_overrides
 from compressor.plan import DistillPlan, plan_stages
 from compressor.recipe import load_recipe
@@ -107,15 +107,8 @@ def _torch_runner(
     graph: torch.fx.GraphModule, device: torch.device
 ) -> Callable[[], Callable[[Inputs], Any]]:
     def load() -> Callable[[Inputs], Any]:
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-        def run(x: Inputs) -> Any:
-            with torch.no_grad():
-                out = call_model(graph, to_device(x, device))
-            sync()
-            return out
-
-        return run
+        run = torch_runner(graph, device)
+        return lambda x: run((to_device(x, device),))
 
     return load
 
@@ -123,12 +116,12 @@ def _torch_runner(
 def _ort_runner(path: Path, provider: str) -> Callable[[], Callable[[Inputs], Any]]:
     def load() -> Callable[[Inputs], Any]:
         from compressor.plugins.hf_export import folder_ids
-        from compressor.plugins.onnx_export import ort_feeds, ort_session
+        from compressor.plugins.onnx_export import ort_runner
 
-        session = ort_session(path, [provider])
-        names = [i.name for i in session.get_inputs()]
         # a pruned student's folder reads its own token ids, the data are the teacher's
-        return lambda x: session.run(None, ort_feeds(names, folder_ids(path.parent, (x,))))
+        to_folder = folder_ids(path.parent)
+        run = ort_runner(path, [provider])
+        return lambda x: run(to_folder((x,)))
 
     return load
 

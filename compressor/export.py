@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ from torch import fx, nn
 from compressor.components import Component, OptionsT
 from compressor.evaluate import Evaluator
 from compressor.loading import DataBundle, Inputs
+
+# a loaded model or artifact: runs once on the given inputs (see Exporter.runner)
+Runner = Callable[[tuple[Inputs, ...]], object]
 
 
 @dataclass
@@ -86,8 +90,11 @@ class Exporter(Component[OptionsT]):
         for exporters that also write its configuration (Hugging Face folders)."""
         raise NotImplementedError
 
-    def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
-        """Median seconds per call of the exported artifact, or None if not measurable here."""
+    def runner(self, path: Path) -> Runner | None:
+        """The artifact at `path` loaded to run here: a function that runs it once on the
+        given inputs (the data's, as PyTorch gets them), returning when its outputs are
+        ready; None when it cannot run here. The report times every model's runner in
+        interleaved rounds, so each is measured under the same machine load."""
         return None
 
     def generation_rate(self, path: Path, prompt: Inputs, new_tokens: int) -> float | None:

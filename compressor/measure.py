@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from compressor.errors import failure
-from compressor.export import Artifact
+from compressor.export import Artifact, Runner
 from compressor.loading import Inputs, call_model, to_device
 from compressor.plan import DistillPlan
 
@@ -29,38 +30,85 @@ def measure(plan: DistillPlan, artifacts: list[Artifact]) -> dict[str, dict[str,
     if plan.teacher_eval_graph is not None:
         graphs.insert(0, ("teacher", plan.teacher_eval_graph))
     out: dict[str, dict[str, Any]] = {}
+    timed: list[Timed] = []
     for role, graph in graphs:
         with failure(f"measuring the {role}"):
-            pytorch = {
-                str(b): _latency(graph, to_device(x, plan.device), report.latency_repeats, plan)
-                for b, x in batches.items()
-            }
-            entry: dict[str, Any] = {
+            out[role] = {
                 "parameters": sum(p.numel() for p in graph.parameters()),
                 "state_bytes": sum(
                     t.numel() * t.element_size() for t in graph.state_dict().values()
                 ),
                 "quality": plan.evaluator(graph),
                 **_active_parameters(plan.student if role == "student" else plan.teacher),
-                "latency_ms": {"pytorch": pytorch},  # on report["device"]
+                "latency_ms": {},  # "pytorch": on report["device"]
                 "files": {},
             }
+        on_device = {b: to_device(x, plan.device) for b, x in batches.items()}
+        timed.append(Timed(role, "pytorch", torch_runner(graph, plan.device), on_device))
         for artifact in (a for a in artifacts if a.role == role):
             path, label = artifact.result.path, artifact.label
-            entry["files"][label] = {"path": str(path), "bytes": path.stat().st_size}
+            out[role]["files"][label] = {"path": str(path), "bytes": path.stat().st_size}
             with failure(f"measuring the {role}'s {label} artifact"):
-                timings = {
-                    str(b): artifact.exporter.latency(path, (x,), report.latency_repeats)
-                    for b, x in batches.items()
-                }
+                run = artifact.exporter.runner(path)
                 rate = artifact.exporter.generation_rate(path, prompt, GENERATED_TOKENS)
-            entry["latency_ms"][label] = {
-                b: None if t is None else t * 1e3 for b, t in timings.items()
-            }
+            if run is None:  # cannot run here
+                out[role]["latency_ms"][label] = {str(b): None for b in batches}
+            else:
+                timed.append(Timed(role, label, run, batches))
             if rate is not None:
-                entry.setdefault("generation_tokens_per_s", {})[label] = rate
-        out[role] = entry
+                out[role].setdefault("generation_tokens_per_s", {})[label] = rate
+    for t, seconds in zip(timed, interleaved_medians(timed, report.latency_repeats), strict=True):
+        out[t.role]["latency_ms"][t.label] = {str(b): s * 1e3 for b, s in seconds.items()}
     return out
+
+
+@dataclass
+class Timed:
+    """One model or artifact to time: whose, which, how it runs, on what (batch -> inputs)."""
+
+    role: str
+    label: str
+    run: Runner
+    inputs: dict[int, Inputs]
+
+    @property
+    def name(self) -> str:
+        return f"the {self.role}'s {self.label}" + ("" if self.label == "pytorch" else " artifact")
+
+
+def interleaved_medians(timed: list[Timed], rounds: int) -> list[dict[int, float]]:
+    """Median seconds per call of each entry and batch. Each is warmed up (3 calls a batch),
+    then timed over `rounds` rounds, one call per entry and batch in each, the entries in
+    turn (starting one later every round): machine noise falls on all of them alike, so the
+    ratios between them hold even when the machine is busy."""
+    for t in timed:
+        with failure(f"measuring {t.name}"):
+            for x in t.inputs.values():
+                for _ in range(3):
+                    t.run((x,))
+    times: list[dict[int, list[float]]] = [{b: [] for b in t.inputs} for t in timed]
+    for round_ in range(rounds):
+        first = round_ % len(timed)
+        for i in [*range(first, len(timed)), *range(first)]:
+            for b, x in timed[i].inputs.items():
+                began = time.perf_counter()
+                timed[i].run((x,))
+                times[i][b].append(time.perf_counter() - began)
+    return [{b: statistics.median(calls) for b, calls in each.items()} for each in times]
+
+
+def torch_runner(graph: fx.GraphModule, device: torch.device) -> Runner:
+    """The graph run without gradients on inputs already on `device`; returns when the
+    device has finished."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(inputs: tuple[Inputs, ...]) -> object:
+        with torch.no_grad():
+            out = call_model(graph, inputs[0])
+        sync()
+        return out
+
+    return run
 
 
 # generation is timed as GENERATED_TOKENS greedy tokens after a PROMPT_TOKENS-token prompt
@@ -87,22 +135,6 @@ def latency_inputs(plan: DistillPlan, batch: int, tokens: int | None) -> Inputs:
     repeats = -(-tokens // ids.shape[1])
     ids = ids.repeat(1, repeats)[:, :tokens]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _latency(graph: fx.GraphModule, x: Inputs, repeats: int, plan: DistillPlan) -> float:
-    """Median milliseconds per call after 3 warm-up calls."""
-    sync = torch.cuda.synchronize if plan.device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        for _ in range(3):
-            call_model(graph, x)
-        times = []
-        for _ in range(repeats):
-            sync()
-            began = time.perf_counter()
-            call_model(graph, x)
-            sync()
-            times.append(time.perf_counter() - began)
-    return statistics.median(times) * 1e3
 
 
 def _active_parameters(module: nn.Module | None) -> dict[str, int]:

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import fx, nn
 
 from compressor.capture import OUTPUT_NAME_META
 from compressor.errors import ExportError
-from compressor.export import ExportResult
+from compressor.export import ExportResult, Runner
 from compressor.hookspecs import hookimpl
 from compressor.loading import Inputs, batch_size, call_model, to_device
 from compressor.plugins.hf import TASKS, VOCAB_MAP, HFModule
@@ -30,12 +31,12 @@ from compressor.plugins.hf_moe import checkpoint_model, export_safe_moe
 from compressor.plugins.onnx_export import (
     ONNXExporter,
     export_onnx,
+    ort_runner,
     ort_session,
     quiet,
-    time_session,
     verify_onnx,
 )
-from compressor.plugins.onnx_int8 import ONNXInt8Exporter, OrtModule
+from compressor.plugins.onnx_int8 import ONNXInt8Exporter, OrtModule, fed_data_ids, map_ids
 
 
 class HFExporter(ONNXExporter):
@@ -131,22 +132,26 @@ class HFExporter(ONNXExporter):
         details["greedy_tokens_equal"] = f"{agreed} of {GREEDY_TOKENS}"
         return max(*diffs, cached)
 
-    def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
-        """Seconds per call; a decoder with a cache is timed on its prompt (empty cache)."""
+    def runner(self, path: Path) -> Runner | None:
+        """A decoder with a cache runs on its prompt (an empty cache)."""
         session = ort_session(path)
         names = [i.name for i in session.get_inputs()]
         if not any(n.startswith("past_key_values") for n in names):
-            return super().latency(path, folder_ids(path.parent, inputs), repeats)
-        x = inputs[0]
-        assert isinstance(x, dict)
-        feeds = {k: v.cpu().numpy() for k, v in x.items() if k in names}
-        mask = x["attention_mask"]
-        feeds["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).numpy()
-        for i in session.get_inputs():
-            if i.name.startswith("past_key_values"):
+            return folder_runner(path)
+        caches = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
+
+        def run(inputs: tuple[Inputs, ...]) -> object:
+            x = inputs[0]
+            assert isinstance(x, dict)
+            feeds = {k: v.cpu().numpy() for k, v in x.items() if k in names}
+            mask = x["attention_mask"]
+            feeds["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).numpy()
+            for i in caches:
                 heads, width = i.shape[1], i.shape[3]
                 feeds[i.name] = np.zeros((mask.shape[0], heads, 0, width), np.float32)
-        return time_session(session, feeds, repeats)
+            return session.run(None, feeds)
+
+        return run
 
     def generation_rate(self, path: Path, prompt: Inputs, new_tokens: int) -> float | None:
         names = [i.name for i in ort_session(path).get_inputs()]
@@ -228,12 +233,6 @@ class HFInt8Exporter(ONNXInt8Exporter):
 
     def check(self, module: nn.Module, device: torch.device) -> None:
         _require_hf_module(self.name, module)
-        if own_ids(module) is not None:
-            raise ValueError(
-                "exporter 'hf_int8' quantizes the graph, which reads the teacher's token ids, and "
-                "a prune_vocab student's folder must read its own: use 'hf' (fp32) or "
-                "'onnx_int8' (int8, the teacher's ids)"
-            )
         if isinstance(module, HFModule) and module.task == "causal-lm":
             raise ValueError(
                 "exporter 'hf_int8' quantizes encoders and classifiers; a causal LM's cached "
@@ -252,10 +251,16 @@ class HFInt8Exporter(ONNXInt8Exporter):
         assert isinstance(module, HFModule)  # check() refused anything else
         folder = out_dir / f"{stem}-hf-int8"
         _write_hf_files(module, folder)
-        result = self.write_int8(graph, example_inputs, verify_inputs, folder / "model.onnx")
+        # a pruned vocabulary: the folder reads its tokenizer's ids, the data are the teacher's
+        own = own_ids(module)
+        plain = graph if own is None else without_vocab_map(graph)
+        example_inputs, folder_inputs = own_inputs(own, example_inputs, verify_inputs)
+        path = folder / "model.onnx"
+        result = self.write_int8(plain, example_inputs, folder_inputs, path, own_ids=own)
         # optimum must load the folder and give what onnxruntime gives on the same file
+        reference = fed_data_ids(OrtModule(result.path), own)
         diff, how = _optimum_check(
-            folder, module.task, graph, verify_inputs, reference=OrtModule(result.path)
+            folder, module.task, graph, verify_inputs, reference, folder_inputs
         )
         if diff is not None and diff > 1e-5:
             raise ExportError(
@@ -263,6 +268,9 @@ class HFInt8Exporter(ONNXInt8Exporter):
             )
         result.details |= {"folder": str(folder), "optimum": how}
         return result
+
+    def runner(self, path: Path) -> Runner | None:
+        return folder_runner(path)
 
 
 def _require_hf_module(exporter: str, module: nn.Module) -> None:
@@ -304,31 +312,38 @@ def own_inputs(
     if own is None:
         return example_inputs, verify_inputs
     return (
-        tuple(_map_ids(x, own) for x in example_inputs),
-        [tuple(_map_ids(x, own) for x in inputs) for inputs in verify_inputs],
+        tuple(map_ids(x, own) for x in example_inputs),
+        [tuple(map_ids(x, own) for x in inputs) for inputs in verify_inputs],
     )
 
 
-def folder_ids(folder: Path, inputs: tuple[Inputs, ...]) -> tuple[Inputs, ...]:
-    """`inputs` in the teacher's token ids, turned into the ids the model in `folder` reads
-    (unchanged for a folder without a pruned vocabulary)."""
+def folder_runner(path: Path) -> Runner:
+    """The ONNX file in a Hugging Face folder, run on inputs in the teacher's token ids (a
+    pruned vocabulary's folder gets them in its own)."""
+    to_folder = folder_ids(path.parent)
+    run = ort_runner(path)
+    return lambda inputs: run(to_folder(inputs))
+
+
+def folder_ids(folder: Path) -> Callable[[tuple[Inputs, ...]], tuple[Inputs, ...]]:
+    """Turns inputs in the teacher's token ids into the ids the model in `folder` reads
+    (returns them unchanged for a folder without a pruned vocabulary). Tokens the folder
+    dropped read its id 0: for timing and benchmarks, not for scores."""
     kept = folder / KEPT_IDS
     if not kept.is_file():
-        return inputs
+        return lambda inputs: inputs
     teacher_ids = torch.tensor(json.loads(kept.read_text()))
-    highest = max(
-        [int(teacher_ids.max())]
-        + [int(x["input_ids"].max()) for x in inputs if isinstance(x, dict)]
-    )
-    own = torch.zeros(highest + 1, dtype=torch.long)
-    own[teacher_ids] = torch.arange(len(teacher_ids))  # dropped tokens: id 0 (timing only)
-    return tuple(_map_ids(x, own) for x in inputs)
+    own = torch.zeros(int(teacher_ids.max()) + 2, dtype=torch.long)  # last: any higher id
+    own[teacher_ids] = torch.arange(len(teacher_ids))
 
+    def to_folder(inputs: tuple[Inputs, ...]) -> tuple[Inputs, ...]:
+        clipped = [
+            {**x, "input_ids": x["input_ids"].clamp(max=len(own) - 1)} if isinstance(x, dict) else x
+            for x in inputs
+        ]
+        return tuple(map_ids(x, own) for x in clipped)
 
-def _map_ids(x: Inputs, own: torch.Tensor) -> Inputs:
-    if not isinstance(x, dict):
-        return x
-    return {**x, "input_ids": own.to(x["input_ids"].device)[x["input_ids"]]}
+    return to_folder
 
 
 def without_vocab_map(graph: fx.GraphModule) -> fx.GraphModule:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import statistics
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from torch.export import Dim
 
 from compressor.capture import OUTPUT_NAME_META
 from compressor.errors import ExportError
-from compressor.export import Exporter, ExportResult
+from compressor.export import Exporter, ExportResult, Runner
 from compressor.hookspecs import hookimpl
 from compressor.loading import Inputs, batch_size, call_model, to_device
 
@@ -54,27 +52,15 @@ class ONNXExporter(Exporter[ONNXOptions]):
         }
         return ExportResult(self.name, path, diff, self.options.tolerance, details)
 
-    def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
-        return ort_latency(path, inputs, repeats)
+    def runner(self, path: Path) -> Runner | None:
+        return ort_runner(path)
 
 
-def ort_latency(path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float:
-    """Median seconds per call of an ONNX file in onnxruntime."""
-    session = ort_session(path)
+def ort_runner(path: Path, providers: list[str] | None = None) -> Runner:
+    """An ONNX file in an onnxruntime session, run on PyTorch-style inputs."""
+    session = ort_session(path, providers)
     names = [i.name for i in session.get_inputs()]
-    return time_session(session, ort_feeds(names, inputs), repeats)
-
-
-def time_session(session: Any, feeds: dict[str, Any], repeats: int) -> float:
-    """Median seconds per run of an onnxruntime session after 3 warm-up runs."""
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+    return lambda inputs: session.run(None, ort_feeds(names, inputs))
 
 
 def export_onnx(

@@ -26,13 +26,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import fx, nn
 
-from compressor.export import Exporter, ExportResult
+from compressor.export import Exporter, ExportResult, Runner
 from compressor.hookspecs import hookimpl
 from compressor.loading import Inputs, batch_size
 from compressor.plugins.onnx_export import (
     export_onnx,
     ort_feeds,
-    ort_latency,
+    ort_runner,
     ort_session,
     quiet,
     state_bytes,
@@ -76,8 +76,11 @@ class ONNXInt8Exporter(Exporter[Int8Options]):
         example_inputs: tuple[Inputs, ...],
         verify_inputs: list[tuple[Inputs, ...]],
         path: Path,
+        own_ids: torch.Tensor | None = None,
     ) -> ExportResult:
-        """Quantize `graph` into `path` and score it against the fp32 graph."""
+        """Quantize `graph` into `path` and score it against the fp32 graph. `own_ids` maps
+        the data's token ids to those `graph` reads (a pruned vocabulary's; the inputs given
+        here are already in them): calibration and scoring feed the data through it."""
         o = self.options
         path.parent.mkdir(parents=True, exist_ok=True)
         text = isinstance(example_inputs[0], dict)
@@ -91,14 +94,15 @@ class ONNXInt8Exporter(Exporter[Int8Options]):
             prepared = _preprocess(fp32, Path(tmp) / "prepared.onnx")
             with quiet(""):
                 if mode == "static":
-                    _quantize_static(prepared, path, self._calibration(graph), o.per_channel)
+                    feeds = self._calibration(graph, own_ids)
+                    _quantize_static(prepared, path, feeds, o.per_channel)
                 else:
                     _quantize_dynamic(prepared, path, o.per_channel)
         diff = verify_onnx(graph, path, verify_inputs)  # shown, not checked: int8 is lossy
         evaluator = self.context.evaluator
         metric = evaluator.primary
-        fp32_scores = evaluator(graph)
-        int8_scores = evaluator(OrtModule(path))
+        fp32_scores = evaluator(fed_data_ids(graph, own_ids))
+        int8_scores = evaluator(fed_data_ids(OrtModule(path), own_ids))
         details |= {
             "verified_batches": [batch_size(b[0]) for b in verify_inputs],
             "metric": metric,
@@ -114,10 +118,12 @@ class ONNXInt8Exporter(Exporter[Int8Options]):
             self.name, path, diff, float("inf"), details, drop=drop, max_drop=o.max_drop
         )
 
-    def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
-        return ort_latency(path, inputs, repeats)
+    def runner(self, path: Path) -> Runner | None:
+        return ort_runner(path)
 
-    def _calibration(self, graph: fx.GraphModule) -> list[dict[str, np.ndarray]]:
+    def _calibration(
+        self, graph: fx.GraphModule, own_ids: torch.Tensor | None
+    ) -> list[dict[str, np.ndarray]]:
         """Feeds of the first training batches (the same data the student learned from)."""
         c = self.context
         names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
@@ -126,7 +132,7 @@ class ONNXInt8Exporter(Exporter[Int8Options]):
         feeds = []
         for start in range(0, min(n, size * self.options.calibration_batches), size):
             x, _ = c.data.batch("train", range(start, min(start + size, n)), torch.device("cpu"))
-            feeds.append(ort_feeds(names, (x,)))
+            feeds.append(ort_feeds(names, (map_ids(x, own_ids),)))
         return feeds
 
 
@@ -144,6 +150,29 @@ class OrtModule(nn.Module):
         device = next(iter(kwargs.values())).device if kwargs else args[0].device
         out = self.session.run(None, ort_feeds(self.names, inputs))[0]
         return torch.from_numpy(out).to(device)
+
+
+def fed_data_ids(model: nn.Module, own_ids: torch.Tensor | None) -> nn.Module:
+    """`model`, which reads a pruned vocabulary's token ids, as a model fed the data's
+    (`own_ids[i]` is its id for the data's id i); without a map, `model` itself."""
+    return model if own_ids is None else _ReadsOwnIds(model, own_ids)
+
+
+class _ReadsOwnIds(nn.Module):
+    def __init__(self, model: nn.Module, own_ids: torch.Tensor):
+        super().__init__()
+        self.model, self.own_ids = model, own_ids
+        self.training = model.training  # evaluation restores this mode to both
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**map_ids(inputs, self.own_ids))  # type: ignore[arg-type]
+
+
+def map_ids(x: Inputs, own_ids: torch.Tensor | None) -> Inputs:
+    """Text inputs with their `input_ids` looked up in `own_ids`; anything else as it is."""
+    if own_ids is None or not isinstance(x, dict):
+        return x
+    return {**x, "input_ids": own_ids.to(x["input_ids"].device)[x["input_ids"]]}
 
 
 def _transformer_fusions(path: Path, tmp: Path) -> tuple[Path, dict[str, int]]:

@@ -14,8 +14,6 @@ and a check on the loaded models that reports a located recipe error.
 from __future__ import annotations
 
 import csv
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -43,6 +41,7 @@ from compressor.api import (
     Problem,
     Recipe,
     RecipeError,
+    Runner,
     Shapes,
     call_model,
     format_shape,
@@ -224,17 +223,14 @@ class TorchScript(Exporter[TorchScriptOptions]):
             )
         return ExportResult(self.name, path, diff, self.options.tolerance)
 
-    def latency(self, path: Path, inputs: tuple[Inputs, ...], repeats: int) -> float | None:
+    def runner(self, path: Path) -> Runner | None:
         loaded = torch.jit.load(str(path))
-        with torch.no_grad():
-            for _ in range(3):
-                loaded(*inputs)
-            times = []
-            for _ in range(repeats):
-                began = time.perf_counter()
-                loaded(*inputs)
-                times.append(time.perf_counter() - began)
-        return statistics.median(times)
+
+        def run(inputs: tuple[Inputs, ...]) -> object:
+            with torch.no_grad():
+                return loaded(*inputs)
+
+        return run
 
 
 # -- a check on the loaded models and data -----------------------------------------------------

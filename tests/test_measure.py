@@ -1,0 +1,53 @@
+"""Latency for the report: every model and artifact timed in interleaved rounds."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from compressor.errors import RunFailed
+from compressor.measure import Timed, interleaved_medians
+
+
+def _recorder(name: str, calls: list[str], seconds: float = 0.0):
+    def run(inputs):
+        calls.append(f"{name}@{inputs[0].shape[0]}")
+        if seconds:
+            time.sleep(seconds)
+
+    return run
+
+
+def test_rounds_interleave_every_entry_and_rotate_who_goes_first():
+    calls: list[str] = []
+    batches = {1: torch.zeros(1), 4: torch.zeros(4)}
+    timed = [Timed("teacher", "onnx", _recorder("t", calls), batches)]
+    timed.append(Timed("student", "onnx", _recorder("s", calls), batches))
+    medians = interleaved_medians(timed, rounds=3)
+    warm, rounds = calls[:12], calls[12:]
+    assert warm == ["t@1"] * 3 + ["t@4"] * 3 + ["s@1"] * 3 + ["s@4"] * 3
+    assert rounds == ["t@1", "t@4", "s@1", "s@4", "s@1", "s@4", "t@1", "t@4", "t@1", "t@4"] + [
+        "s@1",
+        "s@4",
+    ]
+    assert [set(m) for m in medians] == [{1, 4}, {1, 4}]
+
+
+def test_medians_are_each_entrys_own_time():  # lower bounds only: sleeps never end early
+    timed = [
+        Timed("teacher", "onnx", _recorder("t", [], 0.02), {2: torch.zeros(2)}),
+        Timed("student", "onnx", _recorder("s", [], 0.005), {2: torch.zeros(2)}),
+    ]
+    teacher, student = interleaved_medians(timed, rounds=3)
+    assert teacher[2] >= 0.02 and student[2] >= 0.005
+
+
+def test_an_artifact_that_fails_to_run_is_named():
+    def broken(inputs):
+        raise RuntimeError("no such input: pixel_values")
+
+    timed = [Timed("student", "onnx_int8", broken, {2: torch.zeros(2)})]
+    with pytest.raises(RunFailed, match="the student's onnx_int8 artifact"):
+        interleaved_medians(timed, rounds=1)
