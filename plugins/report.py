@@ -141,10 +141,12 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _deployment_lines(report: dict[str, Any]) -> list[str]:
     """Every artifact: size, the task metric, p50 latency per batch and the speedup over the
-    teacher's fp32 ONNX (the deployment a student replaces)."""
+    teacher's first fp32 artifact (`onnx`, `hf`: the deployment a student replaces)."""
     models, metric = report["models"], report.get("metric")
-    reference = models.get("teacher", {}).get("latency_ms", {}).get("onnx", {})
     lossy = {e["label"]: e for e in report["exports"] if e.get("drop") is not None}
+    teacher = models.get("teacher", {})
+    fp32 = next((label for label in teacher.get("files", {}) if label not in lossy), "onnx")
+    reference = teacher.get("latency_ms", {}).get(fp32, {})
     rows = []
     batches: list[str] = []
     for role in ("teacher", "student"):
@@ -169,7 +171,7 @@ def _deployment_lines(report: dict[str, Any]) -> list[str]:
     if not rows or metric is None:
         return []
     header = ["artifact", "file", metric]
-    header += [f"p50 ms @ {b}" for b in batches] + [f"vs teacher onnx @ {b}" for b in batches]
+    header += [f"p50 ms @ {b}" for b in batches] + [f"vs teacher {fp32} @ {b}" for b in batches]
     return [
         "",
         "## Deployment",

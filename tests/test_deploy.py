@@ -51,6 +51,25 @@ def test_the_report_has_a_deployment_table(int8_run):
     assert teacher_row.endswith("| 1.00x | 1.00x |")  # the reference against itself
 
 
+def test_speedups_are_over_the_teachers_fp32_folder_when_it_has_no_plain_onnx():
+    from compressor.plugins.report import _deployment_lines
+
+    def model(hf: float, int8: float, score: float) -> dict:
+        files = {label: {"path": label, "bytes": 1024} for label in ("hf", "hf_int8")}
+        latency = {"hf": {"32": hf}, "hf_int8": {"32": int8}, "pytorch": {"32": 1.0}}
+        return {"files": files, "latency_ms": latency, "quality": {"spearman": score}}
+
+    report = {
+        "metric": "spearman",
+        "models": {"teacher": model(600.0, 300.0, 1.0), "student": model(200.0, 120.0, 0.9)},
+        "exports": [{"label": "hf_int8", "drop": 0.002, "int8": {"spearman": 0.898}}],
+    }
+    lines = _deployment_lines(report)
+    assert "| artifact | file | spearman | p50 ms @ 32 | vs teacher hf @ 32 |" in lines
+    assert "| student hf_int8 | 1.0 KiB | 0.898 | 120 | 5.00x |" in lines
+    assert "| student hf | 1.0 KiB | 0.9 | 200 | 3.00x |" in lines
+
+
 def test_an_int8_artifact_that_loses_too_much_fails_with_the_drop(write_recipe, tmp_path, capsys):
     # logits offset by 1000: uint8 activations must span 0..1000, so a quantization step of
     # about 4 erases the differences between classes, whatever the calibration
