@@ -102,13 +102,17 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
         _prune_embeddings(module, keep, tokenizer)
         after = sum(p.numel() for p in module.parameters())
         kept = set(keep)
+        own_text = _outputs_of_own_text(module, context.data, tokenizer)
         context.notes.append(
             f"prune_vocab: kept {len(keep):,} of {old_size:,} tokens ({len(used):,} of the "
             f"{len(counts):,} the training text uses; {_share_out(counts, kept)} of its tokens "
             f"read as unknown); parameters {before:,} -> {after:,} "
             f"({(before - after) * 4 / 2**20:.1f} MiB less in fp32); on the eval text it covers "
             f"{_share_in(_token_counts(context.data, 'eval'), kept)} of the tokens and moves the "
-            f"student's outputs by {_distance(held_out, _outputs(module, context.data))}"
+            f"student's outputs by {_distance(held_out, own_text)} through its own tokenizer "
+            f"(dropped words in kept pieces, as the exported folder reads raw text), "
+            f"{_distance(held_out, _outputs(module, context.data))} with dropped tokens read "
+            "as unknown (as training reads them)"
         )
         return module
 
@@ -262,6 +266,45 @@ def _outputs(module: HFModule, data: Any, samples: int = 256) -> torch.Tensor | 
     finally:
         module.train(was_training)
     return mean_pool(out, x["attention_mask"]) if out.dim() == 3 else out
+
+
+def _outputs_of_own_text(
+    module: HFModule, data: Any, teacher_tokenizer: Any, samples: int = 256
+) -> torch.Tensor | None:
+    """The pruned model's outputs on the first eval samples' text tokenised by its own
+    tokenizer, as its exported folder reads raw text (the text decoded from the teacher's
+    ids, so it is the text the unpruned outputs came from, up to the tokenizer's own
+    normalisation)."""
+    n = min(samples, len(data.eval))
+    if n == 0:
+        return None
+    x, _ = data.batch("eval", range(n), torch.device("cpu"))
+    real = x["attention_mask"].bool()
+    texts = [
+        teacher_tokenizer.decode(ids[mask], skip_special_tokens=True)
+        for ids, mask in zip(x["input_ids"], real, strict=True)
+    ]
+    own = module.tokenizer(
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=x["input_ids"].shape[1] * 2,
+        return_tensors="pt",
+    )
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module.hf_model(
+                input_ids=own["input_ids"].to(device),
+                attention_mask=own["attention_mask"].to(device),
+                return_dict=True,
+            )
+    finally:
+        module.train(was_training)
+    states = getattr(out, module.output_name).float()
+    return mean_pool(states, own["attention_mask"].to(device)) if states.dim() == 3 else states
 
 
 def _distance(before: torch.Tensor | None, after: torch.Tensor | None) -> str:

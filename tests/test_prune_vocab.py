@@ -74,6 +74,7 @@ def test_covered_text_gives_the_unpruned_outputs(bert, tmp_path, registry):
     assert keep < 30522 // 4 and student.config.vocab_size == keep
     (note,) = [n for n in plan.notes if "prune_vocab: kept" in n]
     assert "covers" in note and "moves the student's outputs by 1 - cosine" in note
+    assert "through its own tokenizer" in note and "read as unknown (as training" in note
 
     # a training sentence: the pruned tokenizer gives the mapped ids, and the student's own
     # model on them gives what the unpruned model (the teacher, here) gives on the teacher's
