@@ -48,6 +48,8 @@ def measure(plan: DistillPlan, artifacts: list[Artifact]) -> dict[str, dict[str,
         for artifact in (a for a in artifacts if a.role == role):
             path, label = artifact.result.path, artifact.label
             out[role]["files"][label] = {"path": str(path), "bytes": path.stat().st_size}
+            if artifact.result.drop is not None:  # lossy: its own scores, not PyTorch's
+                out[role]["files"][label]["quality"] = artifact.result.details.get("int8", {})
             with failure(f"measuring the {role}'s {label} artifact"):
                 run = artifact.exporter.runner(path)
                 rate = artifact.exporter.generation_rate(path, prompt, GENERATED_TOKENS)

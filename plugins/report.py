@@ -143,9 +143,11 @@ def _deployment_lines(report: dict[str, Any]) -> list[str]:
     """Every artifact: size, the task metric, p50 latency per batch and the speedup over the
     teacher's first fp32 artifact (`onnx`, `hf`: the deployment a student replaces)."""
     models, metric = report["models"], report.get("metric")
-    lossy = {e["label"]: e for e in report["exports"] if e.get("drop") is not None}
     teacher = models.get("teacher", {})
-    fp32 = next((label for label in teacher.get("files", {}) if label not in lossy), "onnx")
+    fp32 = next(
+        (label for label, file in teacher.get("files", {}).items() if "quality" not in file),
+        "onnx",
+    )
     reference = teacher.get("latency_ms", {}).get(fp32, {})
     rows = []
     batches: list[str] = []
@@ -153,10 +155,9 @@ def _deployment_lines(report: dict[str, Any]) -> list[str]:
         for label, file in models.get(role, {}).get("files", {}).items():
             latency = models[role]["latency_ms"].get(label, {})
             batches = batches or sorted(latency, key=int)
-            if label in lossy:  # scored on the student; the teacher's is timed only
-                value = lossy[label]["int8"].get(metric) if role == "student" else None
-            else:  # verified equal to PyTorch, so PyTorch's score
-                value = models[role]["quality"].get(metric)
+            # a lossy artifact has scores of its own; any other was verified equal to
+            # PyTorch, so PyTorch's score is its score
+            value = file.get("quality", models[role]["quality"]).get(metric)
             speedups = [
                 f"{reference[b] / latency[b]:.2f}x"
                 if reference.get(b) and latency.get(b)

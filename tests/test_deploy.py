@@ -37,6 +37,10 @@ def test_int8_export_is_verified_by_the_task_metric(int8_run):
     assert files["onnx_int8"]["bytes"] < files["onnx"]["bytes"] / 2  # int8 weights
     for role in ("teacher", "student"):
         assert all(v > 0 for v in report["models"][role]["latency_ms"]["onnx_int8"].values())
+    # each int8 file carries its own scores (the teacher's too), the fp32 files none
+    assert report["models"]["student"]["files"]["onnx_int8"]["quality"] == entry["int8"]
+    assert 0 < files["onnx_int8"]["quality"]["accuracy"] <= 1
+    assert "quality" not in files["onnx"]
 
 
 def test_the_report_has_a_deployment_table(int8_run):
@@ -54,18 +58,23 @@ def test_the_report_has_a_deployment_table(int8_run):
 def test_speedups_are_over_the_teachers_fp32_folder_when_it_has_no_plain_onnx():
     from compressor.plugins.report import _deployment_lines
 
-    def model(hf: float, int8: float, score: float) -> dict:
+    def model(hf: float, int8: float, score: float, int8_score: float) -> dict:
         files = {label: {"path": label, "bytes": 1024} for label in ("hf", "hf_int8")}
+        files["hf_int8"]["quality"] = {"spearman": int8_score}  # lossy: scored on its own
         latency = {"hf": {"32": hf}, "hf_int8": {"32": int8}, "pytorch": {"32": 1.0}}
         return {"files": files, "latency_ms": latency, "quality": {"spearman": score}}
 
     report = {
         "metric": "spearman",
-        "models": {"teacher": model(600.0, 300.0, 1.0), "student": model(200.0, 120.0, 0.9)},
-        "exports": [{"label": "hf_int8", "drop": 0.002, "int8": {"spearman": 0.898}}],
+        "models": {
+            "teacher": model(600.0, 300.0, 1.0, 0.995),
+            "student": model(200.0, 120.0, 0.9, 0.898),
+        },
+        "exports": [],
     }
     lines = _deployment_lines(report)
     assert "| artifact | file | spearman | p50 ms @ 32 | vs teacher hf @ 32 |" in lines
+    assert "| teacher hf_int8 | 1.0 KiB | 0.995 | 300 | 2.00x |" in lines
     assert "| student hf_int8 | 1.0 KiB | 0.898 | 120 | 5.00x |" in lines
     assert "| student hf | 1.0 KiB | 0.9 | 200 | 3.00x |" in lines
 
