@@ -78,11 +78,17 @@ class Timed:
         return f"the {self.role}'s {self.label}" + ("" if self.label == "pytorch" else " artifact")
 
 
-def interleaved_medians(timed: list[Timed], rounds: int) -> list[dict[int, float]]:
+def interleaved_medians(
+    timed: list[Timed], rounds: int, warm_seconds: float = 0.025
+) -> list[dict[int, float]]:
     """Median seconds per call of each entry and batch. Each is warmed up (3 calls a batch),
-    then timed over `rounds` rounds, one call per entry and batch in each, the entries in
-    turn (starting one later every round): machine noise falls on all of them alike, so the
-    ratios between them hold even when the machine is busy."""
+    then timed over `rounds` rounds, the entries in turn (starting one later every round):
+    machine noise falls on all of them alike, so the ratios between them hold even when the
+    machine is busy. In a round each entry runs each batch for `warm_seconds` (at least
+    once) before the call that is timed: right after another runtime's call, the other's
+    threads still spin on the cores and its own pool is asleep (on 2 cores an onnxruntime
+    call after PyTorch's took 2x its steady time, PyTorch's after onnxruntime's 3x, for
+    about 10 calls of a small model), while a served model runs warm."""
     for t in timed:
         with failure(f"measuring {t.name}"):
             for x in t.inputs.values():
@@ -93,6 +99,10 @@ def interleaved_medians(timed: list[Timed], rounds: int) -> list[dict[int, float
         first = round_ % len(timed)
         for i in [*range(first, len(timed)), *range(first)]:
             for b, x in timed[i].inputs.items():
+                warming = time.perf_counter()
+                timed[i].run((x,))
+                while time.perf_counter() - warming < warm_seconds:
+                    timed[i].run((x,))
                 began = time.perf_counter()
                 timed[i].run((x,))
                 times[i][b].append(time.perf_counter() - began)

@@ -25,14 +25,21 @@ def test_rounds_interleave_every_entry_and_rotate_who_goes_first():
     batches = {1: torch.zeros(1), 4: torch.zeros(4)}
     timed = [Timed("teacher", "onnx", _recorder("t", calls), batches)]
     timed.append(Timed("student", "onnx", _recorder("s", calls), batches))
-    medians = interleaved_medians(timed, rounds=3)
+    medians = interleaved_medians(timed, rounds=3, warm_seconds=0.0)
     warm, rounds = calls[:12], calls[12:]
     assert warm == ["t@1"] * 3 + ["t@4"] * 3 + ["s@1"] * 3 + ["s@4"] * 3
-    assert rounds == ["t@1", "t@4", "s@1", "s@4", "s@1", "s@4", "t@1", "t@4", "t@1", "t@4"] + [
-        "s@1",
-        "s@4",
-    ]
+    # each timed call follows a call of the same entry and batch (warm threads and caches)
+    order = ["t", "s", "s", "t", "t", "s"]  # the first entry moves one on every round
+    assert rounds == [f"{who}@{b}" for who in order for b in (1, 4) for _ in range(2)]
     assert [set(m) for m in medians] == [{1, 4}, {1, 4}]
+
+
+def test_each_timed_call_follows_calls_of_its_own_for_the_warm_time():
+    calls: list[str] = []
+    timed = [Timed("teacher", "onnx", _recorder("t", calls, 0.004), {2: torch.zeros(2)})]
+    interleaved_medians(timed, rounds=1, warm_seconds=0.01)
+    # 3 warm-up calls, then at least 0.01 s of calls (3 of 0.004 s), then the timed one
+    assert len(calls) >= 3 + 3 + 1
 
 
 def test_medians_are_each_entrys_own_time():  # lower bounds only: sleeps never end early
