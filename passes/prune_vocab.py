@@ -25,7 +25,7 @@ over the kept tokens, and the teacher's over all of them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -97,12 +97,14 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
         keep = kept_ids(tokenizer, used, self.options.fallback_pieces, text_ids=counts)
         old_size = module.hf_model.get_input_embeddings().weight.shape[0]
         before = sum(p.numel() for p in module.parameters())
-        held_out = _outputs(module, context.data)
+        # the first eval samples, in the teacher's ids: read before and after pruning
+        sample = _eval_sample(context.data, next(module.parameters()).device)
+        held_out = _outputs(module, sample)
         module.tokenizer = prune_tokenizer(tokenizer, keep)
         _prune_embeddings(module, keep, tokenizer)
         after = sum(p.numel() for p in module.parameters())
         kept = set(keep)
-        own_text = _outputs_of_own_text(module, context.data, tokenizer)
+        own_text = _outputs_of_own_text(module, sample, tokenizer)
         context.notes.append(
             f"prune_vocab: kept {len(keep):,} of {old_size:,} tokens ({len(used):,} of the "
             f"{len(counts):,} the training text uses; {_share_out(counts, kept)} of its tokens "
@@ -111,7 +113,7 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
             f"{_share_in(_token_counts(context.data, 'eval'), kept)} of the tokens and moves the "
             f"student's outputs by {_distance(held_out, own_text)} through its own tokenizer "
             f"(dropped words in kept pieces, as the exported folder reads raw text), "
-            f"{_distance(held_out, _outputs(module, context.data))} with dropped tokens read "
+            f"{_distance(held_out, _outputs(module, sample))} with dropped tokens read "
             "as unknown (as training reads them)"
         )
         return module
@@ -251,38 +253,29 @@ def _prune_embeddings(module: HFModule, keep: list[int], teacher_tokenizer: Any)
     module.kept_token_ids = list(keep)
 
 
-def _outputs(module: HFModule, data: Any, samples: int = 256) -> torch.Tensor | None:
-    """The model's outputs on the first eval samples (sentence embeddings: mean-pooled
-    token states), in eval form."""
+def _eval_sample(data: Any, device: torch.device, samples: int = 256) -> Any:
+    """The first eval samples' inputs on `device`; None for an empty eval split."""
     n = min(samples, len(data.eval))
-    if n == 0:
-        return None
-    x, _ = data.batch("eval", range(n), next(module.parameters()).device)
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            out = module(**x).float()
-    finally:
-        module.train(was_training)
-    return mean_pool(out, x["attention_mask"]) if out.dim() == 3 else out
+    return data.batch("eval", range(n), device)[0] if n else None
 
 
-def _outputs_of_own_text(
-    module: HFModule, data: Any, teacher_tokenizer: Any, samples: int = 256
-) -> torch.Tensor | None:
-    """The pruned model's outputs on the first eval samples' text tokenised by its own
-    tokenizer, as its exported folder reads raw text (the text decoded from the teacher's
-    ids, so it is the text the unpruned outputs came from, up to the tokenizer's own
-    normalisation)."""
-    n = min(samples, len(data.eval))
-    if n == 0:
+def _outputs(module: HFModule, x: Any) -> torch.Tensor | None:
+    """The model's outputs on inputs `x` in the teacher's ids (sentence embeddings:
+    mean-pooled token states), in eval form."""
+    if x is None:
         return None
-    x, _ = data.batch("eval", range(n), torch.device("cpu"))
-    real = x["attention_mask"].bool()
+    return _pooled(module, lambda: module(**x), x["attention_mask"])
+
+
+def _outputs_of_own_text(module: HFModule, x: Any, teacher_tokenizer: Any) -> torch.Tensor | None:
+    """The pruned model's outputs on the text of inputs `x` tokenised by its own tokenizer,
+    as its exported folder reads raw text (the text decoded from the teacher's ids, so it is
+    the text the unpruned outputs came from, up to the tokenizer's own normalisation)."""
+    if x is None:
+        return None
     texts = [
-        teacher_tokenizer.decode(ids[mask], skip_special_tokens=True)
-        for ids, mask in zip(x["input_ids"], real, strict=True)
+        teacher_tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+        for ids, mask in zip(x["input_ids"], x["attention_mask"].bool(), strict=True)
     ]
     own = module.tokenizer(
         texts,
@@ -290,21 +283,28 @@ def _outputs_of_own_text(
         truncation=True,
         max_length=x["input_ids"].shape[1] * 2,
         return_tensors="pt",
-    )
-    device = next(module.parameters()).device
+    ).to(x["input_ids"].device)
+
+    def run() -> torch.Tensor:
+        out = module.hf_model(
+            input_ids=own["input_ids"], attention_mask=own["attention_mask"], return_dict=True
+        )
+        return getattr(out, module.output_name)
+
+    return _pooled(module, run, own["attention_mask"])
+
+
+def _pooled(module: nn.Module, run: Callable[[], torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """`run()` with `module` in eval form and no gradients, mean-pooled over `mask` when it
+    gives token states."""
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
-            out = module.hf_model(
-                input_ids=own["input_ids"].to(device),
-                attention_mask=own["attention_mask"].to(device),
-                return_dict=True,
-            )
+            out = run().float()
     finally:
         module.train(was_training)
-    states = getattr(out, module.output_name).float()
-    return mean_pool(states, own["attention_mask"].to(device)) if states.dim() == 3 else states
+    return mean_pool(out, mask) if out.dim() == 3 else out
 
 
 def _distance(before: torch.Tensor | None, after: torch.Tensor | None) -> str:
