@@ -78,8 +78,8 @@ def memory_worker(strategy: str) -> dict[str, Any]:
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark of the step alone
     indices = world.slice(torch.arange(recipe.data.batch_size))
     x, y = plan.data.batch("train", indices, plan.device)
-    terms = parallel.step(x, y, None, indices.tolist())
-    sum(terms.values()).backward()
+    terms = list(parallel.terms(x, y, None, indices.tolist()).values())
+    sum(terms[1:], terms[0]).backward()
     row = {"teacher_bytes": held, "wrapped_rss": wrapped, "step_peak_rss": _rss("VmHWM")}
     rows = world.gather(row)
     distributed.leave()

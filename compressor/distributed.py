@@ -159,7 +159,7 @@ class TrainStep(nn.Module):
         self, x: Any, y: torch.Tensor, cache: Any, indices: list[int]
     ) -> dict[str, torch.Tensor]:
         plan: DistillPlan = self.plan  # type: ignore[assignment]
-        return plan.loss_terms(x, y, cache, indices)
+        return plan.loss_terms(x, y, cache, indices, weighted=False)
 
 
 def trainable_names(step: TrainStep) -> list[str]:
@@ -168,8 +168,8 @@ def trainable_names(step: TrainStep) -> list[str]:
 
 
 class Parallel:
-    """How a plan's step runs on this world: `step` computes the loss terms (the gradient
-    sum over ranks happens in its backward), `full_weights` makes the plain modules (eval
+    """How a plan's step runs on this world: `terms` computes the loss terms (the gradient
+    sum over ranks happens in their backward), `full_weights` makes the plain modules (eval
     graph, teacher) hold the current whole weights while evaluating, `close` leaves them
     plain for export. One process: the plan's own step, nothing wrapped."""
 
@@ -216,17 +216,25 @@ class Parallel:
             self._plain.append((gm, {n: p for n, p in params.items() if p not in kept}))
         self._release()  # the shards are copies
 
-    @contextlib.contextmanager
-    def accumulating(self, last: bool) -> Iterator[None]:
-        """A micro-batch's backward: gradients are summed over the ranks only on the last."""
+    def terms(
+        self, x: Any, y: torch.Tensor, cache: Any, indices: list[int]
+    ) -> dict[str, torch.Tensor]:
+        """A step's loss terms, unweighted: through the wrapper when DDP or FSDP sums the
+        gradients over the ranks; alone, the plan's own step (a module call would cost
+        microseconds a step)."""
+        if self.strategy == "none":
+            return self.plan.loss_terms(x, y, cache, indices, weighted=False)
+        return dict(self.step(x, y, cache, indices))
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Around a micro-batch's backward: gradients are summed over the ranks only on the
+        last."""
         if self.strategy == "ddp" and not last:
             assert isinstance(self.step, nn.parallel.DistributedDataParallel)
-            with self.step.no_sync():
-                yield
-            return
+            return self.step.no_sync()
         if self.strategy == "fsdp":
             self.module.set_requires_gradient_sync(last)  # type: ignore[operator]
-        yield
+        return contextlib.nullcontext()
 
     def teacher_share(self) -> tuple[int, int] | None:
         """(teacher parameters this rank holds, all of them) under FSDP, else None."""

@@ -183,11 +183,11 @@ def train(
     def read_back() -> None:
         """Log the pending steps; stop on the first step whose loss is not finite or blows
         up, or whose gradient norm is not finite."""
-        rows = torch.stack(
-            [torch.stack([*terms, norm.float().reshape(())]) for _, terms, norm, _ in pending]
-        )
-        rows = rows.double().cpu()  # [steps, terms + grad norm]
-        rows[:, :-1] = world.sum(rows[:, :-1])  # each rank's share of the terms; one norm
+        # one stack of every value (it promotes a bf16 norm): [steps, terms + grad norm]
+        rows = torch.stack([v for _, terms, norm, _ in pending for v in (*terms, norm)])
+        rows = rows.view(len(pending), -1).double().cpu()
+        # each rank's share of the terms (one norm), times the terms' weights
+        rows[:, :-1] = world.sum(rows[:, :-1]) * loss_weights
         values = rows.tolist()
         for (step, _, _, lr), row in zip(pending, values, strict=True):
             *loss_values, grad_norm = row
@@ -209,6 +209,12 @@ def train(
     # terms, and the ranks' gradients (averaged by DDP and FSDP, hence the world size) to its
     # gradient. One process, one micro-batch: the terms as they are.
     split = world.size > 1 or cfg.grad_accum > 1
+    # The terms come unweighted and each one's backward starts from its weight: the gradient
+    # of the weighted sum without a multiplication and a sum in the graph (forward and
+    # backward ops that cost a small model's step a few percent); logged values are weighted
+    # when read back.
+    loss_weights = torch.tensor([bound.weight for bound in plan.losses], dtype=torch.float64)
+    seeds = [torch.tensor(bound.weight, device=device) for bound in plan.losses]
     unmeasured = torch.zeros((), device=device)  # the gradient norm of a step not read back
     steps_schedule = not plan.schedule.constant()
     began = time.perf_counter()
@@ -218,23 +224,23 @@ def train(
         if cfg.grad_accum > 1:
             parts = [p for p in parts[0].tensor_split(cfg.grad_accum) if len(p)]
         batches = [plan.data.batch("train", p, device) for p in parts]
-        weights: list[torch.Tensor | None] = [None] * len(parts)
+        portions: list[torch.Tensor | None] = [None] * len(parts)
         if split:
             units = [plan.loss_units(x, y) for x, y in batches]
             whole = world.sum(torch.stack(units).sum(0)).clamp(min=1)
-            weights = [u / whole * world.size for u in units]
+            portions = [u / whole * world.size for u in units]
         step_began = time.perf_counter()
         step_terms: list[torch.Tensor] = []
         try:
             optimizer.zero_grad(set_to_none=True)
-            for i, ((x, y), part, weight) in enumerate(zip(batches, parts, weights, strict=True)):
+            for i, ((x, y), part, portion) in enumerate(zip(batches, parts, portions, strict=True)):
                 with parallel.accumulating(last=i == len(parts) - 1):
                     # the cache keys its values by sample, so only it needs the indices
                     keys = part.tolist() if cache is not None else []
-                    terms = list(parallel.step(x, y, cache, keys).values())
-                    if weight is not None:
-                        terms = [t * w for t, w in zip(terms, weight.tolist(), strict=True)]
-                    sum(terms[1:], terms[0]).backward()
+                    terms = list(parallel.terms(x, y, cache, keys).values())
+                    if portion is not None:
+                        terms = [t * w for t, w in zip(terms, portion.tolist(), strict=True)]
+                    _backward(terms, seeds)
                 # summed over micro-batches in fp32 (a float32 term is returned as it is)
                 done_terms = [t.detach().float() for t in terms]
                 step_terms = (
@@ -331,6 +337,15 @@ def train(
     final = scores if start < cfg.steps else score(cfg.steps)  # the last step was evaluated
     summary = cache.stats.summary() if cache is not None else None
     return TrainResult(run_dir, cfg.steps, final, initial, history, seconds, summary)
+
+
+def _backward(terms: list[torch.Tensor], seeds: list[torch.Tensor]) -> None:
+    """The gradient of sum(seed * term). A term that reaches no trained parameter (a
+    constant) adds nothing to it; autograd refuses those as starting points."""
+    roots = [(t, s) for t, s in zip(terms, seeds, strict=True) if t.requires_grad]
+    if not roots:
+        raise RuntimeError("no loss term depends on a trained parameter")
+    torch.autograd.backward([t for t, _ in roots], grad_tensors=[s for _, s in roots])
 
 
 def _check_split(plan: DistillPlan, world: distributed.World) -> None:
@@ -445,6 +460,8 @@ class Progress:
         )
 
     def advance(self, step: int) -> None:
+        if not self.enabled:
+            return
         now = time.perf_counter()
         if step > self.warmup:
             self.timed_steps += 1

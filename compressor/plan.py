@@ -166,9 +166,10 @@ class DistillPlan:
         y: torch.Tensor,
         cache: TeacherCache | None = None,
         indices: Sequence[int] = (),
+        weighted: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """One training step's weighted loss terms on batch (x, y) of training samples
-        `indices`, under bf16 autocast on CUDA. With a `cache`, the teacher's values come
+        """One training step's loss terms, times their weights unless `weighted` is False, on
+        batch (x, y) of training samples `indices`, under bf16 autocast on CUDA. With a `cache`, the teacher's values come
         from it when it has them all (`teacher_from_cache` says whether they did), and are
         kept in it when not. If it raises, `self.part` says which graph or loss failed."""
         # inputs passes added (MAE's kept patches): one draw shared by both graphs
@@ -194,7 +195,8 @@ class DistillPlan:
             terms = {}
             for bound in self.losses:
                 self.part = bound.part
-                terms[bound.label] = bound.weight * bound.term(inputs)
+                value = bound.term(inputs)
+                terms[bound.label] = bound.weight * value if weighted else value
         self.part = _BACKWARD_PART  # what the caller does next
         return terms
 
