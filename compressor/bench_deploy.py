@@ -10,6 +10,7 @@ RUN_DIR/bench/.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -24,7 +25,7 @@ from safetensors.torch import load_model
 
 from compressor.errors import CompressorError
 from compressor.loading import Inputs, to_device
-from compressor.measure import latency_inputs, torch_runner
+from compressor.measure import latency_inputs, torch_runner, warm
 from compressor.pipeline import recorded_overrides
 from compressor.plan import DistillPlan, plan_stages
 from compressor.recipe import load_recipe
@@ -158,7 +159,10 @@ def measure_all(
 def _time_calls(
     run: Callable[[Inputs], Any], x: Inputs, iterations: int | None, duration: float
 ) -> list[float]:
-    """Seconds per call: `iterations` calls, or as many as fit in `duration` (at least 3)."""
+    """Seconds per call: `iterations` calls, or as many as fit in `duration` (at least 3),
+    after untimed calls of the same model (`warm`: the one timed before may be another
+    runtime whose threads still hold the cores)."""
+    warm(functools.partial(run, x))
     times: list[float] = []
     began = time.perf_counter()
     while len(times) < (iterations or 3) or (

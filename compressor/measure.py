@@ -7,8 +7,10 @@ exported artifacts run where their exporter runs them (onnxruntime on the CPU he
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,17 +80,29 @@ class Timed:
         return f"the {self.role}'s {self.label}" + ("" if self.label == "pytorch" else " artifact")
 
 
+# Untimed calls of the model about to be timed, right after another runtime's: that one's
+# threads still spin on the cores and this one's pool is asleep (on 2 cores an onnxruntime
+# call after PyTorch's took 2x its steady time, PyTorch's after onnxruntime's 3x, for about
+# 10 calls of a small model), while a served model runs warm.
+WARM_SECONDS = 0.025
+
+
+def warm(call: Callable[[], Any], seconds: float = WARM_SECONDS) -> None:
+    """Call `call` for `seconds`, at least once."""
+    began = time.perf_counter()
+    call()
+    while time.perf_counter() - began < seconds:
+        call()
+
+
 def interleaved_medians(
-    timed: list[Timed], rounds: int, warm_seconds: float = 0.025
+    timed: list[Timed], rounds: int, warm_seconds: float = WARM_SECONDS
 ) -> list[dict[int, float]]:
     """Median seconds per call of each entry and batch. Each is warmed up (3 calls a batch),
     then timed over `rounds` rounds, the entries in turn (starting one later every round):
     machine noise falls on all of them alike, so the ratios between them hold even when the
-    machine is busy. In a round each entry runs each batch for `warm_seconds` (at least
-    once) before the call that is timed: right after another runtime's call, the other's
-    threads still spin on the cores and its own pool is asleep (on 2 cores an onnxruntime
-    call after PyTorch's took 2x its steady time, PyTorch's after onnxruntime's 3x, for
-    about 10 calls of a small model), while a served model runs warm."""
+    machine is busy. In a round each entry runs each batch for `warm_seconds` (`warm`)
+    before the call that is timed."""
     for t in timed:
         with failure(f"measuring {t.name}"):
             for x in t.inputs.values():
@@ -99,10 +113,7 @@ def interleaved_medians(
         first = round_ % len(timed)
         for i in [*range(first, len(timed)), *range(first)]:
             for b, x in timed[i].inputs.items():
-                warming = time.perf_counter()
-                timed[i].run((x,))
-                while time.perf_counter() - warming < warm_seconds:
-                    timed[i].run((x,))
+                warm(functools.partial(timed[i].run, (x,)), warm_seconds)
                 began = time.perf_counter()
                 timed[i].run((x,))
                 times[i][b].append(time.perf_counter() - began)

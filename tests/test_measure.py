@@ -58,3 +58,14 @@ def test_an_artifact_that_fails_to_run_is_named():
     timed = [Timed("student", "onnx_int8", broken, {2: torch.zeros(2)})]
     with pytest.raises(RunFailed, match="the student's onnx_int8 artifact"):
         interleaved_medians(timed, rounds=1)
+
+
+def test_a_bench_burst_follows_untimed_calls_of_its_own():
+    """`compress bench` times bursts of one candidate after another's: each burst starts
+    after WARM_SECONDS of untimed calls of its own (at least one)."""
+    from compressor.bench_deploy import _time_calls
+
+    calls: list[str] = []
+    times = _time_calls(lambda x: calls.append("c") or time.sleep(0.004), None, 3, 1.0)
+    assert len(times) == 3
+    assert len(calls) >= 6 + 3  # 0.025 s of 0.004 s calls (6 at least), then the 3 timed
