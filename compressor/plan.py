@@ -169,9 +169,10 @@ class DistillPlan:
         weighted: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One training step's loss terms, times their weights unless `weighted` is False, on
-        batch (x, y) of training samples `indices`, under bf16 autocast on CUDA. With a `cache`, the teacher's values come
-        from it when it has them all (`teacher_from_cache` says whether they did), and are
-        kept in it when not. If it raises, `self.part` says which graph or loss failed."""
+        batch (x, y) of training samples `indices`, under bf16 autocast on CUDA. With a
+        `cache`, the teacher's values come from it when it has them all (`teacher_from_cache`
+        says whether they did), and are kept in it when not. If it raises, `self.part` says
+        which graph or loss failed."""
         # inputs passes added (MAE's kept patches): one draw shared by both graphs
         extra = (
             draw_inputs(self.input_specs, batch_size(x), self.device) if self.input_specs else {}
