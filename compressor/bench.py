@@ -4,6 +4,7 @@
     python -m compressor.bench losses --quick    smaller shapes, for a smoke run
     python -m compressor.bench partial           DMAE partial teacher execution: FLOPs, time
     python -m compressor.bench engine            the engine against a hand-written loop
+    python -m compressor.bench engine --unfused  the same, both with torch's default AdamW
     python -m compressor.bench llm               SmolLM2 KD step: unfused, fused head, cached
     python -m compressor.bench distributed       1 against 2 processes; DDP against FSDP memory
 
@@ -314,13 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=None, help="engine: training steps (630); distributed (60)"
     )
     parser.add_argument("--rounds", type=int, default=11, help="engine: interleaved rounds")
+    parser.add_argument(
+        "--unfused",
+        action="store_true",
+        help="engine: the recipe's AdamW per tensor (fused: false), as the loop's",
+    )
     args = parser.parse_args(argv)
     if args.suite == "losses":
         bench_losses(args.quick)
     elif args.suite == "engine":
         from compressor.bench_engine import bench_engine
 
-        bench_engine(args.steps or 630, args.rounds)
+        bench_engine(args.steps or 630, args.rounds, fused=False if args.unfused else None)
     elif args.suite == "distributed":
         from compressor.bench_distributed import bench_distributed
 

@@ -183,14 +183,16 @@ def train(
     def read_back() -> None:
         """Log the pending steps; stop on the first step whose loss is not finite or blows
         up, or whose gradient norm is not finite."""
-        # one stack of every value (it promotes a bf16 norm): [steps, terms + grad norm]
+        # one stack of every value (it promotes a bf16 norm): [steps, terms + grad norm]; a
+        # few ops and one copy to the host, as they run cold once every few steps
         rows = torch.stack([v for _, terms, norm, _ in pending for v in (*terms, norm)])
-        rows = rows.view(len(pending), -1).double().cpu()
-        # each rank's share of the terms (one norm), times the terms' weights
-        rows[:, :-1] = world.sum(rows[:, :-1]) * loss_weights
-        values = rows.tolist()
-        for (step, _, _, lr), row in zip(pending, values, strict=True):
-            *loss_values, grad_norm = row
+        rows = rows.view(len(pending), -1)
+        if world.size > 1:  # each rank's share of the terms (one norm), summed in float64
+            rows = rows.double()
+            rows[:, :-1] = world.sum(rows[:, :-1])
+        for (step, _, _, lr), row in zip(pending, rows.tolist(), strict=True):
+            *shares, grad_norm = row
+            loss_values = [value * weight for value, weight in zip(shares, weights, strict=True)]
             terms = dict(zip(labels, loss_values, strict=True))
             total = math.fsum(loss_values)
             problem = guard.problem(total, grad_norm)
@@ -213,8 +215,8 @@ def train(
     # of the weighted sum without a multiplication and a sum in the graph (forward and
     # backward ops that cost a small model's step a few percent); logged values are weighted
     # when read back.
-    loss_weights = torch.tensor([bound.weight for bound in plan.losses], dtype=torch.float64)
-    seeds = [torch.tensor(bound.weight, device=device) for bound in plan.losses]
+    weights = [bound.weight for bound in plan.losses]
+    seeds = [torch.tensor(weight, device=device) for weight in weights]
     unmeasured = torch.zeros((), device=device)  # the gradient norm of a step not read back
     steps_schedule = not plan.schedule.constant()
     began = time.perf_counter()

@@ -60,3 +60,33 @@ def test_a_schedule_is_constant_only_when_every_factor_is_one(registry, name, op
     every_factor_one = all(schedule.factor(s, 50) == 1.0 for s in range(51))
     assert schedule.constant() == every_factor_one
     assert schedule.constant() == (name == "constant" and not options)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_fused_kernels_by_default_where_every_parameter_allows_them(registry, name):
+    on_cpu = [torch.nn.Parameter(torch.ones(3))]
+    assert registry.create("optimizer", name, {}).build(on_cpu).defaults["fused"] is True
+    chosen = registry.create("optimizer", name, {"fused": False}).build(on_cpu)
+    assert not chosen.defaults["fused"]
+    # a device without fused kernels: torch's own default, not a refusal at the first step
+    on_meta = [torch.nn.Parameter(torch.ones(3, device="meta"))]
+    assert registry.create("optimizer", name, {}).build(on_meta).defaults["fused"] is None
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_and_per_tensor_updates_agree(registry, name):
+    options = {"lr": 0.01, "weight_decay": 0.1}
+    weights = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(4))]
+        start = torch.cat([p.detach().flatten() for p in params])
+        optimizer = registry.create("optimizer", name, {**options, "fused": fused}).build(params)
+        gradients = torch.Generator().manual_seed(1)
+        for _ in range(50):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gradients)
+            optimizer.step()
+        weights.append(torch.cat([p.detach().flatten() for p in params]))
+        assert (weights[-1] - start).abs().min() > 1e-3  # every weight moved
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
