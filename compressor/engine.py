@@ -471,7 +471,7 @@ class Progress:
         self.mark = now
         self.bar.steady_rate = self.rate()
         self.bar.update(1)
-        if self.enabled and not self.tty and (step * 20 // self.total != self.last_line):
+        if not self.tty and (step * 20 // self.total != self.last_line):
             self.last_line = step * 20 // self.total
             print(self.line(step), file=sys.stderr, flush=True)
 
