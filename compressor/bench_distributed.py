@@ -59,7 +59,7 @@ def memory_worker(strategy: str) -> dict[str, Any]:
 
     from compressor import distributed
     from compressor.distributed import Parallel
-    from compressor.plan import build_plan
+    from compressor.plan import backward, build_plan
     from compressor.recipe import load_recipe
     from compressor.registry import Registry
 
@@ -78,8 +78,7 @@ def memory_worker(strategy: str) -> dict[str, Any]:
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark of the step alone
     indices = world.slice(torch.arange(recipe.data.batch_size))
     x, y = plan.data.batch("train", indices, plan.device)
-    terms = list(parallel.terms(x, y, None, indices.tolist()).values())
-    sum(terms[1:], terms[0]).backward()
+    backward(list(parallel.terms(x, y, None, indices.tolist()).values()), plan.loss_seeds())
     row = {"teacher_bytes": held, "wrapped_rss": wrapped, "step_peak_rss": _rss("VmHWM")}
     rows = world.gather(row)
     distributed.leave()

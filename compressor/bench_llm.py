@@ -65,7 +65,7 @@ def measure(variant: str, reps: int) -> dict[str, Any]:
     """In a fresh process: seconds per step (median) and the peak extra bytes of the steps."""
     import torch
 
-    from compressor.plan import build_plan
+    from compressor.plan import backward, build_plan
     from compressor.recipe import load_recipe
     from compressor.registry import Registry
     from compressor.teacher_cache import TeacherCache
@@ -76,11 +76,11 @@ def measure(variant: str, reps: int) -> dict[str, Any]:
     cache = TeacherCache(plan.cache_layout) if plan.cache_layout is not None else None
     x, y = plan.data.batch("train", range(4), plan.device)
     params = plan.trainable_parameters()
+    seeds = plan.loss_seeds()
 
     def step() -> float:
         began = time.perf_counter()
-        terms = plan.loss_terms(x, y, cache, range(4))
-        sum(terms.values()).backward()  # type: ignore[union-attr]
+        backward(list(plan.loss_terms(x, y, cache, range(4)).values()), seeds)
         for p in params:
             p.grad = None
         return time.perf_counter() - began

@@ -159,7 +159,7 @@ class TrainStep(nn.Module):
         self, x: Any, y: torch.Tensor, cache: Any, indices: list[int]
     ) -> dict[str, torch.Tensor]:
         plan: DistillPlan = self.plan  # type: ignore[assignment]
-        return plan.loss_terms(x, y, cache, indices, weighted=False)
+        return plan.loss_terms(x, y, cache, indices)
 
 
 def trainable_names(step: TrainStep) -> list[str]:
@@ -223,7 +223,7 @@ class Parallel:
         gradients over the ranks; alone, the plan's own step (a module call would cost
         microseconds a step)."""
         if self.strategy == "none":
-            return self.plan.loss_terms(x, y, cache, indices, weighted=False)
+            return self.plan.loss_terms(x, y, cache, indices)
         return dict(self.step(x, y, cache, indices))
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager[Any]:

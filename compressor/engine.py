@@ -32,7 +32,7 @@ from compressor.checkpoint import (
 )
 from compressor.distributed import Parallel, is_distributed_checkpoint, load_distributed
 from compressor.errors import CompressorError, RecipeError, RunFailed, TrainingStopped, failure
-from compressor.plan import DistillPlan
+from compressor.plan import DistillPlan, backward
 from compressor.recipe import DivergenceGuard
 from compressor.teacher_cache import TeacherCache
 
@@ -211,12 +211,10 @@ def train(
     # terms, and the ranks' gradients (averaged by DDP and FSDP, hence the world size) to its
     # gradient. One process, one micro-batch: the terms as they are.
     split = world.size > 1 or cfg.grad_accum > 1
-    # The terms come unweighted and each one's backward starts from its weight: the gradient
-    # of the weighted sum without a multiplication and a sum in the graph (forward and
-    # backward ops that cost a small model's step a few percent); logged values are weighted
-    # when read back.
+    # The terms come unweighted and each one's backward starts from its weight (`backward`);
+    # logged values are weighted when read back.
     weights = [bound.weight for bound in plan.losses]
-    seeds = [torch.tensor(weight, device=device) for weight in weights]
+    seeds = plan.loss_seeds()
     unmeasured = torch.zeros((), device=device)  # the gradient norm of a step not read back
     steps_schedule = not plan.schedule.constant()
     began = time.perf_counter()
@@ -242,7 +240,7 @@ def train(
                     terms = list(parallel.terms(x, y, cache, keys).values())
                     if portion is not None:
                         terms = [t * w for t, w in zip(terms, portion.tolist(), strict=True)]
-                    _backward(terms, seeds)
+                    backward(terms, seeds)
                 # summed over micro-batches in fp32 (a float32 term is returned as it is)
                 done_terms = [t.detach().float() for t in terms]
                 step_terms = (
@@ -339,15 +337,6 @@ def train(
     final = scores if start < cfg.steps else score(cfg.steps)  # the last step was evaluated
     summary = cache.stats.summary() if cache is not None else None
     return TrainResult(run_dir, cfg.steps, final, initial, history, seconds, summary)
-
-
-def _backward(terms: list[torch.Tensor], seeds: list[torch.Tensor]) -> None:
-    """The gradient of sum(seed * term). A term that reaches no trained parameter (a
-    constant) adds nothing to it; autograd refuses those as starting points."""
-    roots = [(t, s) for t, s in zip(terms, seeds, strict=True) if t.requires_grad]
-    if not roots:
-        raise RuntimeError("no loss term depends on a trained parameter")
-    torch.autograd.backward([t for t, _ in roots], grad_tensors=[s for _, s in roots])
 
 
 def _check_split(plan: DistillPlan, world: distributed.World) -> None:

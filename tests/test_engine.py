@@ -231,7 +231,7 @@ def test_engine_bench_interleaves_the_hand_loop_step_by_step(capsys):
 def test_backward_seeds_each_term_with_its_weight():
     """The engine's backward gives the weighted sum's gradient; a term that reaches no
     trained parameter adds nothing instead of failing the step."""
-    from compressor.engine import _backward
+    from compressor.plan import backward
 
     w = torch.tensor([1.5, -2.0], requires_grad=True)
     terms = [(w**2).sum(), w.prod(), torch.tensor(3.0)]
@@ -239,7 +239,7 @@ def test_backward_seeds_each_term_with_its_weight():
     expected = torch.autograd.grad(
         sum(t * k for t, k in zip(terms, weights, strict=True)), w, retain_graph=True
     )
-    _backward(terms, [torch.tensor(k) for k in weights])
+    backward(terms, [torch.tensor(k) for k in weights])
     assert torch.equal(w.grad, expected[0])
     with pytest.raises(RuntimeError, match="no loss term depends on a trained parameter"):
-        _backward([torch.tensor(1.0)], [torch.tensor(1.0)])
+        backward([torch.tensor(1.0)], [torch.tensor(1.0)])
