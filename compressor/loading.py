@@ -37,13 +37,18 @@ class DataBundle:
     """What a data loader returns: map-style train and eval datasets whose items are
     (inputs, target) pairs, the task that names the evaluator scoring them
     (`classification`, `language-modeling`, `embedding`, or a plugin's own), and how a list
-    of items becomes a batch (`collate_fn`; a loader may trim padding there)."""
+    of items becomes a batch (`collate_fn`; a loader may trim padding there).
+
+    `target_map` renumbers the labels of every batch for a student that predicts a subset of
+    the classes (a pruned vocabulary): label -> the student's class, IGNORE where it has none;
+    the teacher's outputs are then read over the same subset."""
 
     train: Sequence[Any]
     eval: Sequence[Any]
     task: str = "classification"
     num_classes: int | None = None
     collate_fn: Callable[[list[Any]], Batch] = default_collate
+    target_map: torch.Tensor | None = None
     _lengths: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def batch(self, split: str, indices: Iterable[Any], device: torch.device) -> Batch:
@@ -56,6 +61,9 @@ class DataBundle:
             inputs, target = (t[index] for t in dataset.tensors)
         else:
             inputs, target = self.collate_fn([dataset[int(i)] for i in indices])
+        if self.target_map is not None:
+            scored = target != IGNORE
+            target = torch.where(scored, self.target_map[target.clamp(min=0)], IGNORE)
         return to_device(inputs, device), target.to(device)
 
     def sizes(self) -> dict[str, int]:

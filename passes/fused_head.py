@@ -29,6 +29,7 @@ from compressor.graph_pass import (
     node_module_path,
     op_name,
     original_output,
+    output_node,
     set_outputs,
     tapped,
 )
@@ -59,8 +60,14 @@ class FusedHead(GraphPass[FusedHeadOptions]):
     def __call__(self, gm: fx.GraphModule, context: PassContext) -> PassResult:
         if not context.training or HIDDEN in tapped(gm):
             return PassResult(gm, modified=False)
-        head = self._head_linear(gm, context.role)
+        head, rows = self._head_linear(gm, context.role)
         hidden, weight, bias = self._operands(gm, head)
+        if rows is not None:  # logits over some tokens only: those rows of the head
+            select = torch.ops.aten.index_select.default
+            with gm.graph.inserting_before(output_node(gm)):
+                weight = gm.graph.call_function(select, (weight, 0, rows))
+                if bias is not None:
+                    bias = gm.graph.call_function(select, (bias, 0, rows))
         taps = tapped(gm) | {HIDDEN: hidden, WEIGHT: weight}
         if bias is not None:
             taps[BIAS] = bias
@@ -74,15 +81,22 @@ class FusedHead(GraphPass[FusedHeadOptions]):
         eliminate_dead_code(gm)
         return PassResult(gm, modified=True, notes=notes)
 
-    def _head_linear(self, gm: fx.GraphModule, role: str) -> fx.Node:
-        """The linear node whose result is the graph's output, through dtype casts only."""
+    def _head_linear(self, gm: fx.GraphModule, role: str) -> tuple[fx.Node, fx.Node | None]:
+        """The linear node whose result is the graph's output, through dtype casts only, and
+        the token ids the output keeps of it (a teacher read over a pruned student's
+        vocabulary: `index_select` on the last dim), else None."""
         node = original_output(gm)
         if not isinstance(node, fx.Node):
             raise ValueError(
                 f"the {role} returns {type(node).__name__}, not one logits tensor; fused_head "
                 "needs a model whose output is its head's logits"
             )
-        while op_name(node) in _CASTS and node.op != "call_module":
+        rows = None
+        while (op_name(node) in _CASTS and node.op != "call_module") or (
+            rows is None and _selects_last_dim(node)
+        ):
+            if op_name(node) == "index_select":
+                rows = node.args[2]
             node = node.args[0]
         is_linear = (node.op == "call_function" and node.target in _LINEAR_OPS) or (
             node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Linear)
@@ -103,7 +117,7 @@ class FusedHead(GraphPass[FusedHeadOptions]):
                 f"(set head: {where}, or leave head unset to use it)",
                 node,
             )
-        return node
+        return node, rows if isinstance(rows, fx.Node) else None
 
     def _operands(
         self, gm: fx.GraphModule, head: fx.Node
@@ -119,6 +133,16 @@ class FusedHead(GraphPass[FusedHeadOptions]):
             weight = gm.graph.get_attr(f"{path}.weight")
             bias = gm.graph.get_attr(f"{path}.bias") if linear.bias is not None else None
         return head.args[0], weight, bias  # type: ignore[return-value]
+
+
+def _selects_last_dim(node: fx.Node) -> bool:
+    """`index_select(x, -1, ids)` on a 3-d tensor: logits over chosen tokens."""
+    if op_name(node) != "index_select" or len(node.args) < 3:
+        return False
+    dim = node.args[1]
+    shape = getattr(node.args[0], "meta", {}).get("val")
+    rank = shape.dim() if isinstance(shape, torch.Tensor) else None
+    return isinstance(dim, int) and (dim == -1 or (rank is not None and dim == rank - 1))
 
 
 @hookimpl

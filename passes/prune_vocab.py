@@ -6,20 +6,25 @@ shows. This module pass keeps the tokens of the recipe's training text (plus `ex
 files, the special tokens, and the pieces words fall back to; with `min_count`, only the
 tokens used that often), gathers those rows of the embedding table, and rebuilds the
 tokenizer over the kept vocabulary, so the exported Hugging Face folder tokenises raw text
-into the new ids by itself: a word
-whose pieces were dropped falls back to smaller kept pieces (WordPiece: the single-character
-and `##` pieces of every character the text uses are kept; byte-level BPE: the 256 byte
-tokens and every token a kept token is merged from), else to the unknown token.
+into the new ids by itself: a word whose pieces were dropped falls back to smaller kept pieces
+(WordPiece: the single-character and `##` pieces of every character the text uses are kept;
+byte-level BPE: the 256 byte tokens and every token a kept token is merged from), else to the
+unknown token.
 
 The recipe's data stay in the teacher's ids, which both models read: the student maps them
 to its own through a `vocab_map` buffer (teacher id -> student id, a dropped token -> the
 unknown token) at the start of its forward. With `min_count: 1` the training text is fully
-covered, so the map is exact there. Exporters that write a graph keep the map (the file reads teacher ids); the
-`hf` folder drops it (its model reads the ids of its own tokenizer).
+covered, so the map is exact there. Exporters that write a graph keep the map (the file reads
+teacher ids); the `hf` folder drops it (its model reads the ids of its own tokenizer).
+
+A causal LM's head is pruned to the same rows (a tied head stays tied to the new table).
+Both models' next-token distributions then cover the kept tokens: the teacher returns its
+logits at the kept ids (`HFModule.read_logits_over`; its softmax renormalised over them, which
+`kd`, its fused head and the teacher cache all read), and the data's labels are renumbered to
+the student's ids (`DataBundle.target_map`; a dropped token is not scored).
 
 Supported: fast tokenizers whose model is WordPiece (BERT family) or BPE (GPT-2, Llama 3,
-SmolLM2, Qwen2), on encoders and classifiers. A causal LM is refused: its logits would be
-over the kept tokens, and the teacher's over all of them.
+SmolLM2, Qwen2), on encoders, classifiers and causal LMs whose head is an nn.Linear.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from compressor.hookspecs import hookimpl
+from compressor.loading import IGNORE
 from compressor.module_pass import ModulePass, ModulePassContext
 from compressor.plugins.hf import VOCAB_MAP, HFModule, mean_pool
 
@@ -72,10 +78,11 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
                 "prune_vocab needs a Hugging Face model with its tokenizer (loader: hf, or "
                 f"student: {{from_teacher: true}}), got {type(module).__name__}"
             )
-        if module.task == "causal-lm":
+        causal = module.task == "causal-lm"
+        if causal and not isinstance(context.teacher, HFModule):
             raise ValueError(
-                "prune_vocab prunes encoders and classifiers: a causal LM's logits would cover "
-                "the kept tokens only, and the teacher's every token"
+                "prune_vocab on a causal LM needs its teacher (a Hugging Face causal LM): the "
+                "teacher's logits are read over the kept tokens"
             )
         if module.teacher_id_map is not None:
             raise ValueError("prune_vocab runs once: this student's vocabulary is pruned already")
@@ -99,22 +106,43 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
         before = sum(p.numel() for p in module.parameters())
         # the first eval samples, in the teacher's ids: read before and after pruning
         sample = _eval_sample(context.data, next(module.parameters()).device)
-        held_out = _outputs(module, sample)
+        held_out = _outputs(module, sample, keep if causal else None, causal=causal)
         module.tokenizer = prune_tokenizer(tokenizer, keep)
         _prune_embeddings(module, keep, tokenizer)
         after = sum(p.numel() for p in module.parameters())
         kept = set(keep)
-        own_text = _outputs_of_own_text(module, sample, tokenizer)
+        if causal:  # both models' next-token distributions cover the kept tokens
+            assert isinstance(context.teacher, HFModule)
+            context.teacher.read_logits_over(keep)
+            labels = torch.full((old_size,), IGNORE, dtype=torch.long)
+            labels[torch.tensor(keep)] = torch.arange(len(keep))
+            context.data.target_map = labels
+            context.notes.append(
+                "prune_vocab: the teacher's logits are read over the kept tokens (its "
+                "distribution renormalised over them) and labels are the kept tokens' ids; a "
+                "dropped token is not scored as a label"
+            )
+            # text retokenised by its own tokenizer has other positions: compared on the data's
+            moved = (
+                "changes the student's top-1 next token at "
+                f"{_distance(held_out, _outputs(module, sample, causal=True))} of the positions "
+                "(dropped tokens read as unknown, as training reads them)"
+            )
+        else:
+            own_text = _outputs_of_own_text(module, sample, tokenizer)
+            moved = (
+                f"moves the student's outputs by {_distance(held_out, own_text)} through its own "
+                "tokenizer (dropped words in kept pieces, as the exported folder reads raw "
+                "text), "
+                f"{_distance(held_out, _outputs(module, sample))} with dropped tokens read as "
+                "unknown (as training reads them)"
+            )
         context.notes.append(
             f"prune_vocab: kept {len(keep):,} of {old_size:,} tokens ({len(used):,} of the "
             f"{len(counts):,} the training text uses; {_share_out(counts, kept)} of its tokens "
             f"read as unknown); parameters {before:,} -> {after:,} "
             f"({(before - after) * 4 / 2**20:.1f} MiB less in fp32); on the eval text it covers "
-            f"{_share_in(_token_counts(context.data, 'eval'), kept)} of the tokens and moves the "
-            f"student's outputs by {_distance(held_out, own_text)} through its own tokenizer "
-            f"(dropped words in kept pieces, as the exported folder reads raw text), "
-            f"{_distance(held_out, _outputs(module, sample))} with dropped tokens read "
-            "as unknown (as training reads them)"
+            f"{_share_in(_token_counts(context.data, 'eval'), kept)} of the tokens and {moved}"
         )
         return module
 
@@ -220,9 +248,8 @@ def _renumber_templates(node: Any, new_id: dict[int, int]) -> None:
 
 
 def _prune_embeddings(module: HFModule, keep: list[int], teacher_tokenizer: Any) -> None:
-    """Gather the kept rows of the input embeddings, renumber the config's token ids, and
-    install the teacher -> student map (encoders and classifiers have no head over the
-    vocabulary)."""
+    """Gather the kept rows of the input embeddings (and of a causal LM's head), renumber the
+    config's token ids, and install the teacher -> student map."""
     model = module.hf_model
     index = torch.tensor(keep)
     old = model.get_input_embeddings()
@@ -237,13 +264,17 @@ def _prune_embeddings(module: HFModule, keep: list[int], teacher_tokenizer: Any)
     )
     with torch.no_grad():
         table.weight.copy_(old.weight[index])
+    if module.task == "causal-lm":
+        _prune_head(model, index, old.weight, table)
     model.set_input_embeddings(table)
-    config = model.config
-    config.vocab_size = len(keep)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value in new_id:
-            setattr(config, key, new_id[value])
+    model.config.vocab_size = len(keep)
+    for config in (model.config, getattr(model, "generation_config", None)):
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value in new_id:
+                setattr(config, key, new_id[value])
+            elif isinstance(value, list):  # several end-of-sequence tokens
+                setattr(config, key, [new_id[v] for v in value if v in new_id])
     unknown = teacher_tokenizer.unk_token_id
     fallback = new_id.get(unknown, new_id.get(teacher_tokenizer.pad_token_id, 0))
     mapping = torch.full((old.weight.shape[0],), fallback, dtype=torch.long)
@@ -253,18 +284,60 @@ def _prune_embeddings(module: HFModule, keep: list[int], teacher_tokenizer: Any)
     module.kept_token_ids = list(keep)
 
 
+def _prune_head(
+    model: Any, index: torch.Tensor, embedding: torch.Tensor, table: nn.Embedding
+) -> None:
+    """Keep the rows `index` of a causal LM's head: the new embedding table itself when the
+    head is tied to it (SmolLM2, GPT-2), else its own rows and bias."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"prune_vocab prunes a causal LM's head when it is an nn.Linear over the vocabulary; "
+            f"{type(model).__name__}'s is {type(head).__name__}"
+        )
+    pruned = nn.Linear(
+        head.in_features,
+        len(index),
+        bias=head.bias is not None,
+        device=head.weight.device,
+        dtype=head.weight.dtype,
+    )
+    with torch.no_grad():
+        if head.weight is embedding:
+            pruned.weight = table.weight
+        else:
+            pruned.weight.copy_(head.weight[index])
+        if head.bias is not None:
+            pruned.bias.copy_(head.bias[index])
+    model.set_output_embeddings(pruned)
+
+
 def _eval_sample(data: Any, device: torch.device, samples: int = 256) -> Any:
     """The first eval samples' inputs on `device`; None for an empty eval split."""
     n = min(samples, len(data.eval))
     return data.batch("eval", range(n), device)[0] if n else None
 
 
-def _outputs(module: HFModule, x: Any) -> torch.Tensor | None:
-    """The model's outputs on inputs `x` in the teacher's ids (sentence embeddings:
-    mean-pooled token states), in eval form."""
+def _outputs(
+    module: HFModule, x: Any, logit_ids: list[int] | None = None, causal: bool = False
+) -> torch.Tensor | None:
+    """The model's outputs on inputs `x` in the teacher's ids, in eval form: sentence
+    embeddings (mean-pooled token states), or for a causal LM (`causal`) its top-1 next token
+    at each position (-1 at padding), over `logit_ids` (the kept tokens, before its head is
+    pruned to them)."""
     if x is None:
         return None
-    return _pooled(module, lambda: module(**x), x["attention_mask"])
+    index = None if logit_ids is None else torch.tensor(logit_ids, device=x["input_ids"].device)
+
+    def run(part: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = module(**part)
+        return out if index is None else out.index_select(-1, index)
+
+    return _pooled(module, run, x, reduce=_top1 if causal else mean_pool)
+
+
+def _top1(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1).masked_fill(~mask.bool(), -1)
 
 
 def _outputs_of_own_text(module: HFModule, x: Any, teacher_tokenizer: Any) -> torch.Tensor | None:
@@ -285,32 +358,48 @@ def _outputs_of_own_text(module: HFModule, x: Any, teacher_tokenizer: Any) -> to
         return_tensors="pt",
     ).to(x["input_ids"].device)
 
-    def run() -> torch.Tensor:
+    def run(part: dict[str, torch.Tensor]) -> torch.Tensor:
         out = module.hf_model(
-            input_ids=own["input_ids"], attention_mask=own["attention_mask"], return_dict=True
+            input_ids=part["input_ids"], attention_mask=part["attention_mask"], return_dict=True
         )
         return getattr(out, module.output_name)
 
-    return _pooled(module, run, own["attention_mask"])
+    return _pooled(module, run, {k: own[k] for k in ("input_ids", "attention_mask")})
 
 
-def _pooled(module: nn.Module, run: Callable[[], torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """`run()` with `module` in eval form and no gradients, mean-pooled over `mask` when it
-    gives token states."""
+def _pooled(
+    module: nn.Module,
+    run: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    x: dict[str, torch.Tensor],
+    reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = mean_pool,
+    rows: int = 16,
+) -> torch.Tensor:
+    """`run` on `rows` rows of inputs `x` at a time (a causal LM's logits are [rows, T, V]),
+    with `module` in eval form and no gradients; token states are reduced with the attention
+    mask (`reduce`: mean-pooled by default)."""
     was_training = module.training
     module.eval()
+    parts = []
     try:
         with torch.no_grad():
-            out = run().float()
+            for start in range(0, len(x["input_ids"]), rows):
+                part = {k: v[start : start + rows] for k, v in x.items()}
+                out = run(part).float()
+                parts.append(reduce(out, part["attention_mask"]) if out.dim() == 3 else out)
     finally:
         module.train(was_training)
-    return mean_pool(out, mask) if out.dim() == 3 else out
+    return torch.cat(parts)
 
 
 def _distance(before: torch.Tensor | None, after: torch.Tensor | None) -> str:
-    """How far pruning moved the outputs: the mean of 1 - cosine over samples."""
+    """How far pruning moved the outputs: the mean of 1 - cosine over samples, or for top-1
+    tokens the share of positions where it changed."""
     if before is None or after is None:
         return "n/a (no eval text)"
+    if not before.is_floating_point():
+        real = before >= 0
+        changed = float((before != after)[real].float().mean()) if real.any() else 0.0
+        return f"{changed:.2%}"
     cosine = torch.nn.functional.cosine_similarity(before, after, dim=-1)
     return f"1 - cosine = {float((1 - cosine).mean()):.4f} on average"
 

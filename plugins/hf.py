@@ -31,6 +31,9 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 # a student with a pruned vocabulary (prune_vocab) reads the teacher's token ids through this
 # buffer: teacher id -> its own id
 VOCAB_MAP = "vocab_map"
+# the teacher of a causal LM whose vocabulary was pruned returns its logits over the student's
+# tokens only, through this buffer: the teacher id of each student id
+LOGIT_IDS = "logit_ids"
 
 
 class HFModule(nn.Module):
@@ -64,6 +67,15 @@ class HFModule(nn.Module):
         """With a pruned vocabulary, the map from the teacher's token ids to this model's."""
         return self._buffers.get(VOCAB_MAP)
 
+    def read_logits_over(self, token_ids: list[int]) -> None:
+        """Return logits over `token_ids` only, in that order (a causal-LM teacher of a pruned
+        student: both distributions then cover the student's tokens). Not persistent: the
+        model and its checkpoint keep every token."""
+        if self.task != "causal-lm":
+            raise ValueError(f"only a causal LM's logits are over tokens; this is {self.task!r}")
+        device = next(self.parameters()).device
+        self.register_buffer(LOGIT_IDS, torch.tensor(token_ids, device=device), persistent=False)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         vocab_map = self.teacher_id_map
         if vocab_map is not None:
@@ -72,7 +84,9 @@ class HFModule(nn.Module):
         out = self.hf_model(
             input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra
         )
-        return getattr(out, self.output_name)
+        logits = getattr(out, self.output_name)
+        logit_ids = self._buffers.get(LOGIT_IDS)
+        return logits if logit_ids is None else logits.index_select(-1, logit_ids)
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -24,9 +24,10 @@ from torch import fx, nn
 from compressor.capture import OUTPUT_NAME_META
 from compressor.errors import ExportError
 from compressor.export import ExportResult, Runner
+from compressor.graph_pass import eliminate_dead_code
 from compressor.hookspecs import hookimpl
 from compressor.loading import Inputs, batch_size, call_model, to_device
-from compressor.plugins.hf import TASKS, VOCAB_MAP, HFModule
+from compressor.plugins.hf import LOGIT_IDS, TASKS, VOCAB_MAP, HFModule
 from compressor.plugins.hf_moe import checkpoint_model, export_safe_moe
 from compressor.plugins.onnx_export import (
     ONNXExporter,
@@ -69,18 +70,19 @@ class HFExporter(ONNXExporter):
             "folder": str(folder),
             "verified_batches": [batch_size(b[0]) for b in verify_inputs],
         }
+        own = own_ids(module)  # a pruned vocabulary: the folder reads its tokenizer's ids
+        plain = graph if own is None else without_vocab_map(graph)
+        if LOGIT_IDS in dict(module.named_buffers()):  # a pruned student's teacher: the folder
+            graph = plain = without_logit_read(graph)  # is the whole model, every token's logit
+        example_inputs, folder_inputs = own_inputs(own, example_inputs, verify_inputs)
+        if own is not None:
+            kept = len(module.kept_token_ids or [])
+            details["vocabulary"] = f"{kept:,} of the teacher's {own.numel():,} tokens"
         if module.task == "causal-lm":
-            diff = self._causal_lm(folder, graph, verify_inputs, details)
+            diff = self._causal_lm(folder, plain, folder_inputs, details)
         else:
-            own = own_ids(module)  # a pruned vocabulary: the folder reads its tokenizer's ids
-            plain = graph if own is None else without_vocab_map(graph)
-            example_inputs, folder_inputs = own_inputs(own, example_inputs, verify_inputs)
             details["inputs"] = export_onnx(plain, example_inputs, path, self.options.opset)
             diff = verify_onnx(plain, path, folder_inputs)
-            if own is not None:  # the graph without its map equals the student on its ids
-                diff = max(diff, _max_diff(plain, graph, folder_inputs, verify_inputs))
-                kept = len(module.kept_token_ids or [])
-                details["vocabulary"] = f"{kept:,} of the teacher's {own.numel():,} tokens"
             details["onnxruntime_max_abs_diff"] = diff
             optimum_diff, how = _optimum_check(
                 folder, module.task, graph, verify_inputs, folder_inputs=folder_inputs
@@ -89,6 +91,8 @@ class HFExporter(ONNXExporter):
             if optimum_diff is not None:
                 details["optimum_max_abs_diff"] = optimum_diff
                 diff = max(diff, optimum_diff)
+        if own is not None:  # the graph without its map equals the student on its ids
+            diff = max(diff, _max_diff(plain, graph, folder_inputs, verify_inputs))
         return ExportResult(self.name, path, diff, self.options.tolerance, details)
 
     def _causal_lm(
@@ -139,9 +143,10 @@ class HFExporter(ONNXExporter):
         if not any(n.startswith("past_key_values") for n in names):
             return folder_runner(path)
         caches = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
+        to_folder = folder_ids(path.parent)
 
         def run(inputs: tuple[Inputs, ...]) -> object:
-            x = inputs[0]
+            x = to_folder(inputs)[0]
             assert isinstance(x, dict)
             feeds = {k: v.cpu().numpy() for k, v in x.items() if k in names}
             mask = x["attention_mask"]
@@ -209,6 +214,7 @@ def generation_rate(folder: Path, prompt: Inputs, new_tokens: int) -> float:
     one untimed warm-up call."""
     from optimum.onnxruntime import ORTModelForCausalLM
 
+    (prompt,) = folder_ids(folder)((prompt,))  # a pruned vocabulary reads its own ids
     assert isinstance(prompt, dict)
     with _quiet_optimum(), torch.no_grad():
         model = ORTModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
@@ -349,26 +355,51 @@ def folder_ids(folder: Path) -> Callable[[tuple[Inputs, ...]], tuple[Inputs, ...
 def without_vocab_map(graph: fx.GraphModule) -> fx.GraphModule:
     """A copy of a pruned student's graph that reads its own token ids: the lookup of the
     teacher's ids in `vocab_map` bypassed."""
-    plain = copy.deepcopy(graph)
-    lookups = [
+    return _bypassed(
+        graph,
+        torch.ops.aten.index.Tensor,
+        VOCAB_MAP,
+        lambda lookup: lookup.args[1][0],  # type: ignore[index]
+        f"a pruned student's graph should look its input ids up in {VOCAB_MAP!r} once",
+    )
+
+
+def without_logit_read(graph: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a causal-LM teacher's graph that returns the logits of every token: the
+    read over a pruned student's tokens (`index_select` on `logit_ids`) bypassed."""
+    return _bypassed(
+        graph,
+        torch.ops.aten.index_select.default,
+        LOGIT_IDS,
+        lambda read: read.args[0],
+        f"a pruned student's teacher should read its logits over {LOGIT_IDS!r} once",
+    )
+
+
+def _bypassed(
+    graph: fx.GraphModule,
+    op: Any,
+    buffer: str,
+    operand: Callable[[fx.Node], Any],
+    expected: str,
+) -> fx.GraphModule:
+    """A copy of `graph` with its one call of `op` that reads `buffer` replaced by that
+    call's `operand`."""
+    copied = copy.deepcopy(graph)
+    calls = [
         n
-        for n in plain.graph.nodes
+        for n in copied.graph.nodes
         if n.op == "call_function"
-        and n.target is torch.ops.aten.index.Tensor
-        and getattr(n.args[0], "op", None) == "get_attr"
-        and n.args[0].target == VOCAB_MAP
+        and n.target is op
+        and any(getattr(a, "op", None) == "get_attr" and a.target == buffer for a in n.args)
     ]
-    if len(lookups) != 1:
-        raise ExportError(
-            f"a pruned student's graph should look its input ids up in {VOCAB_MAP!r} once; "
-            f"found {len(lookups)} lookups"
-        )
-    (lookup,) = lookups
-    lookup.replace_all_uses_with(lookup.args[1][0])
-    plain.graph.erase_node(lookup)
-    plain.graph.eliminate_dead_code()
-    plain.recompile()
-    return plain
+    if len(calls) != 1:
+        raise ExportError(f"{expected}; found {len(calls)}")
+    (call,) = calls
+    call.replace_all_uses_with(operand(call))
+    copied.graph.erase_node(call)
+    eliminate_dead_code(copied)  # keeps the vmap nesting a decoder's attention mask needs
+    return copied
 
 
 def _max_diff(

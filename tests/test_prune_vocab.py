@@ -297,3 +297,181 @@ def test_folder_ids_turn_teacher_ids_into_the_folders(tmp_path):
     assert mapped["input_ids"].tolist() == [[0, 2, 1, 0]]  # 9 was dropped (and is the highest)
     assert mapped["attention_mask"] is x["attention_mask"]
     assert folder_ids(tmp_path / "elsewhere")((x,))[0] is x  # not a pruned folder
+
+
+# -- causal LMs -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def byte_level_llamas(tmp_path_factory) -> dict[bool, Path]:
+    """Tiny Llama folders (tied head as in SmolLM2, and untied) with a byte-level BPE
+    tokenizer trained here on the standard library's prose."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    trained = ByteLevelBPETokenizer()
+    trained.train_from_iterator(
+        list(topics.values()), vocab_size=2000, special_tokens=["<|endoftext|>"]
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=trained._tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    root = tmp_path_factory.mktemp("llamas")
+    folders = {}
+    for tied in (True, False):
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            tie_word_embeddings=tied,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+        folder = root / f"llama-tied-{tied}"
+        transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+        folders[tied] = folder
+    return folders
+
+
+def _lm_recipe(tmp_path: Path, folder: Path, prune: bool = True, losses: str = "", extra=""):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    passes = "[{name: student_layers, layers: [0, 2]}" + (
+        ", {name: prune_vocab}]" if prune else "]"
+    )
+    path.write_text(f"""\
+name: pruned-lm
+output: {tmp_path / "run"}
+teacher: {{loader: hf, model: {folder}, task: causal-lm}}
+student: {{from_teacher: true}}
+module_passes: {passes}
+data:
+  loader: text
+  kwargs: {{source: prose, task: language-modeling, max_length: 24, limit: 60}}
+  batch_size: 4
+  eval_batch_size: 8
+losses:
+{losses or "  - {name: kd, temperature: 1.0}"}
+train: {{steps: 4, log_every: 2, eval_every: 4, checkpoint_every: 4}}
+export:
+  - {{name: hf}}
+report: {{latency_batches: [2], latency_repeats: 1}}
+{extra}""")
+    return load_recipe(path)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_pruned_causal_lm_and_its_teacher_score_the_kept_tokens(
+    byte_level_llamas, tmp_path, registry, tied
+):
+    folder = byte_level_llamas[tied]
+    plain = build_plan(_lm_recipe(tmp_path / "plain", folder, prune=False), registry)
+    plan = build_plan(_lm_recipe(tmp_path / "pruned", folder), registry)
+    student, teacher = plan.student, plan.teacher
+    assert isinstance(student, HFModule) and isinstance(teacher, HFModule)
+    keep = torch.tensor(student.kept_token_ids)
+    vocab = len(transformers.AutoTokenizer.from_pretrained(folder))
+    assert len(keep) < vocab
+    head = student.hf_model.get_output_embeddings()
+    embedding = student.hf_model.get_input_embeddings()
+    assert head.weight.shape[0] == embedding.weight.shape[0] == len(keep)
+    assert (head.weight is embedding.weight) == tied
+    # the training text is fully covered: the student's logits are the unpruned student's at
+    # the kept tokens, and the teacher reads its own over them
+    x, y = plan.data.batch("train", range(8), plan.device)
+    x_plain, y_plain = plain.data.batch("train", range(8), plain.device)
+    assert torch.equal(x["input_ids"], x_plain["input_ids"])
+    with torch.no_grad():
+        want = plain.student(**x)[..., keep]
+        assert torch.allclose(student(**x), want, atol=1e-5)
+        assert torch.allclose(teacher(**x), plain.teacher(**x)[..., keep], atol=1e-6)
+    # labels are the kept tokens' positions in the student's vocabulary
+    scored = y_plain != -100
+    assert torch.equal(keep[y[scored]], y_plain[scored]) and torch.equal(y == -100, ~scored)
+    # kd from the heads' inputs (the teacher's head rows gathered) is kd from the logits
+    fused = build_plan(
+        _lm_recipe(
+            tmp_path / "fused", folder, losses="  - {name: kd, temperature: 1.0, fused_head: true}"
+        ),
+        registry,
+    )
+    with torch.no_grad():
+        (want_kd,) = plan.loss_terms(x, y).values()
+        (got_kd,) = fused.loss_terms(x, y).values()
+    assert float(want_kd) > 0 and torch.allclose(got_kd, want_kd, rtol=1e-4)
+    note = next(n for n in plan.notes if "renormalised" in n)
+    assert "not scored" in note
+    assert "changes the student's top-1 next token at" in next(
+        n for n in plan.notes if "parameters" in n
+    )
+    # the teacher's checkpoint keeps every token; the read over the kept ones is not saved
+    assert (
+        teacher.hf_model.state_dict()[
+            "lm_head.weight" if not tied else "model.embed_tokens.weight"
+        ].shape[0]
+        == vocab
+    )
+
+
+def test_a_pruned_causal_lm_trains_with_a_fused_head_and_cache_and_generates_from_its_folder(
+    byte_level_llamas, tmp_path, registry
+):
+    losses = "  - {name: kd, temperature: 1.0, fused_head: true}\n  - {name: ce, weight: 0.5}"
+    recipe = _lm_recipe(
+        tmp_path, byte_level_llamas[True], losses=losses, extra="teacher_cache: {top_k: 8}\n"
+    )
+    summary = run(recipe, registry, progress=False)
+    history = summary.report["history"]
+    assert all(np.isfinite(r["loss"]) for r in history if "loss" in r)
+    last = [r for r in history if "eval/kl_to_teacher" in r][-1]
+    assert np.isfinite(last["eval/kl_to_teacher"]) and 0 <= last["eval/top1_agreement"] <= 1
+    (export,) = summary.exports
+    assert export.ok, export.details
+    assert export.details["greedy_tokens_equal"] == "32 of 32"
+    folder = Path(export.details["folder"])
+    teacher_ids = json.loads((folder / "teacher_token_ids.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert (
+        config["vocab_size"]
+        == len(teacher_ids)
+        == len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
+    )
+
+    # a user's generate from the folder alone: its tokenizer reads raw text into its own ids,
+    # and decodes what the model generates
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = ORTModelForCausalLM.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    teacher_tokenizer = transformers.AutoTokenizer.from_pretrained(byte_level_llamas[True])
+    text = "A list is a sequence of ümlauts"  # bytes are kept: nothing reads as unknown
+    prompt = tokenizer([text], return_tensors="pt")
+    prompt.pop("token_type_ids", None)
+    assert tokenizer.decode(prompt["input_ids"][0]) == text
+    out = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    student = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        again = student.generate(
+            **prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0
+        )
+    assert torch.equal(out, again)
+    # text of kept words tokenises as the teacher does, in the folder's ids
+    words = [
+        t[1:]
+        for t in teacher_tokenizer.convert_ids_to_tokens(teacher_ids)
+        if t.startswith("Ġ") and t[1:].isalpha() and len(t) > 4
+    ][:20]
+    text = " " + " ".join(words)
+    assert len(words) == 20
+    mine = tokenizer(text)["input_ids"]
+    assert [teacher_ids[i] for i in mine] == teacher_tokenizer(text)["input_ids"]
