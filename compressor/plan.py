@@ -371,9 +371,9 @@ def _cache_layout(recipe: Recipe, plan: DistillPlan) -> CacheLayout | None:
     fingerprint = json.dumps(
         {
             "teacher": recipe.teacher.model_dump() if recipe.teacher else None,
-            "teacher_passes": [
-                p.model_dump() for p in recipe.module_passes if p.target != "student"
-            ],
+            # every module pass: a student's pass may change what the teacher returns too
+            # (prune_vocab reads a causal-LM teacher's logits over the kept tokens)
+            "module_passes": [p.model_dump() for p in recipe.module_passes],
             "data": recipe.data.model_dump(),
             "losses": [loss.model_dump() for loss in recipe.losses],
             "teacher_cache": spec.model_dump(),

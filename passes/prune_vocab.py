@@ -12,8 +12,9 @@ byte-level BPE: the 256 byte tokens and every token a kept token is merged from)
 unknown token.
 
 The recipe's data stay in the teacher's ids, which both models read: the student maps them
-to its own through a `vocab_map` buffer (teacher id -> student id, a dropped token -> the
-unknown token) at the start of its forward. With `min_count: 1` the training text is fully
+to its own through a `vocab_map` buffer (teacher id -> student id; a dropped token -> the
+first kept piece of its spelling in BPE, the unknown token in WordPiece) at the start of its
+forward. With `min_count: 1` the training text is fully
 covered, so the map is exact there. Exporters that write a graph keep the map (the file reads
 teacher ids); the `hf` folder drops it (its model reads the ids of its own tokenizer).
 
@@ -55,7 +56,8 @@ class PruneVocabOptions(BaseModel):
         1,
         ge=1,
         description="keep a token the text uses at least this often (above 1, rarer ones read "
-        "as unknown in training and fall back to pieces in the exported tokenizer)",
+        "as a stand-in in training (BPE: their first kept piece; WordPiece: unknown) and fall "
+        "back to pieces in the exported tokenizer)",
     )
     fallback_pieces: Literal["seen", "all", "none"] = Field(
         "seen",
@@ -109,6 +111,7 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
         held_out = _outputs(module, sample, keep if causal else None, causal=causal)
         module.tokenizer = prune_tokenizer(tokenizer, keep)
         _prune_embeddings(module, keep, tokenizer)
+        stand_in = "their first kept piece" if _is_bpe(tokenizer) else "unknown"
         after = sum(p.numel() for p in module.parameters())
         kept = set(keep)
         if causal:  # both models' next-token distributions cover the kept tokens
@@ -126,7 +129,7 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
             moved = (
                 "changes the student's top-1 next token at "
                 f"{_distance(held_out, _outputs(module, sample, causal=True))} of the positions "
-                "(dropped tokens read as unknown, as training reads them)"
+                f"(dropped tokens read as {stand_in}, as training reads them)"
             )
         else:
             own_text = _outputs_of_own_text(module, sample, tokenizer)
@@ -135,12 +138,12 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
                 "tokenizer (dropped words in kept pieces, as the exported folder reads raw "
                 "text), "
                 f"{_distance(held_out, _outputs(module, sample))} with dropped tokens read as "
-                "unknown (as training reads them)"
+                f"{stand_in} (as training reads them)"
             )
         context.notes.append(
             f"prune_vocab: kept {len(keep):,} of {old_size:,} tokens ({len(used):,} of the "
             f"{len(counts):,} the training text uses; {_share_out(counts, kept)} of its tokens "
-            f"read as unknown); parameters {before:,} -> {after:,} "
+            f"read as {stand_in}); parameters {before:,} -> {after:,} "
             f"({(before - after) * 4 / 2**20:.1f} MiB less in fp32); on the eval text it covers "
             f"{_share_in(_token_counts(context.data, 'eval'), kept)} of the tokens and {moved}"
         )
@@ -278,10 +281,33 @@ def _prune_embeddings(module: HFModule, keep: list[int], teacher_tokenizer: Any)
     unknown = teacher_tokenizer.unk_token_id
     fallback = new_id.get(unknown, new_id.get(teacher_tokenizer.pad_token_id, 0))
     mapping = torch.full((old.weight.shape[0],), fallback, dtype=torch.long)
+    for old_id, piece in _first_pieces(module.tokenizer, teacher_tokenizer, new_id).items():
+        mapping[old_id] = piece
     mapping[index] = torch.arange(len(keep))
     # not persistent: transformers' checkpoint stays the plain pruned model
     module.register_buffer(VOCAB_MAP, mapping.to(old.weight.device), persistent=False)
     module.kept_token_ids = list(keep)
+
+
+def _first_pieces(pruned: Any, teacher_tokenizer: Any, new_id: dict[int, int]) -> dict[int, int]:
+    """For BPE, each dropped token's stand-in: the first kept piece of its own spelling
+    (`Ġquantify` -> `Ġquant`), so text keeps its positions and reads as a word's start rather
+    than the unknown token, which in byte-level BPE is often the end of a document. WordPiece
+    models are trained with their unknown token, so they keep it (none here)."""
+    if not _is_bpe(teacher_tokenizer):
+        return {}
+    model = pruned.backend_tokenizer.model
+    first = {}
+    for token, old_id in teacher_tokenizer.get_vocab().items():
+        if old_id not in new_id:
+            pieces = model.tokenize(token)
+            if pieces:
+                first[old_id] = pieces[0].id
+    return first
+
+
+def _is_bpe(tokenizer: Any) -> bool:
+    return type(tokenizer.backend_tokenizer.model).__name__ == "BPE"
 
 
 def _prune_head(

@@ -395,6 +395,15 @@ def test_a_pruned_causal_lm_and_its_teacher_score_the_kept_tokens(
         want = plain.student(**x)[..., keep]
         assert torch.allclose(student(**x), want, atol=1e-5)
         assert torch.allclose(teacher(**x), plain.teacher(**x)[..., keep], atol=1e-6)
+    # a dropped token reads as the first kept piece of its spelling, not as end-of-text
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    kept = set(keep.tolist())
+    dropped = [t for t, i in tokenizer.get_vocab().items() if i not in kept and len(t) > 3][:50]
+    assert dropped
+    for token in dropped:
+        stand_in = int(student.teacher_id_map[tokenizer.convert_tokens_to_ids(token)])
+        assert student.tokenizer.convert_ids_to_tokens(stand_in) != tokenizer.unk_token
+        assert token.startswith(student.tokenizer.convert_ids_to_tokens(stand_in))
     # labels are the kept tokens' positions in the student's vocabulary
     scored = y_plain != -100
     assert torch.equal(keep[y[scored]], y_plain[scored]) and torch.equal(y == -100, ~scored)
@@ -446,6 +455,10 @@ def test_a_pruned_causal_lm_trains_with_a_fused_head_and_cache_and_generates_fro
         == len(teacher_ids)
         == len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
     )
+    # the teacher's folder (timed beside it) is the whole teacher, every token's logit
+    teacher_config = json.loads((folder.parent / "teacher-hf" / "config.json").read_text())
+    vocab = transformers.AutoTokenizer.from_pretrained(byte_level_llamas[True]).vocab_size
+    assert teacher_config["vocab_size"] == vocab > len(teacher_ids)
 
     # a user's generate from the folder alone: its tokenizer reads raw text into its own ids,
     # and decodes what the model generates
