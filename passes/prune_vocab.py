@@ -88,6 +88,16 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
             )
         if module.teacher_id_map is not None:
             raise ValueError("prune_vocab runs once: this student's vocabulary is pruned already")
+        teacher_tokenizer = getattr(context.teacher, "tokenizer", None)
+        if (
+            teacher_tokenizer is not None
+            and teacher_tokenizer.get_vocab() != module.tokenizer.get_vocab()
+        ):
+            raise ValueError(
+                "prune_vocab keeps the teacher's ids the data use, so the student must start "
+                "with the teacher's tokenizer; theirs differ (a student with student: "
+                "{from_teacher: true}, or a folder with the teacher's tokenizer)"
+            )
         if context.data is None:
             raise ValueError("prune_vocab needs the recipe's data: it keeps what the text uses")
         tokenizer = module.tokenizer

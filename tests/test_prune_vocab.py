@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_hf_folder
+from conftest import save_hf_folder, tiny_llama_folder
 
 from compressor.errors import RecipeError
 from compressor.passes.prune_vocab import kept_ids, prune_tokenizer
@@ -488,3 +488,16 @@ def test_a_pruned_causal_lm_trains_with_a_fused_head_and_cache_and_generates_fro
     assert len(words) == 20
     mine = tokenizer(text)["input_ids"]
     assert [teacher_ids[i] for i in mine] == teacher_tokenizer(text)["input_ids"]
+
+
+def test_a_student_with_another_tokenizer_is_refused(byte_level_llamas, tmp_path, registry):
+    _lm_recipe(tmp_path, byte_level_llamas[True])  # writes tmp_path / recipe.yaml
+    other = tiny_llama_folder(tmp_path / "other")  # MiniLM's WordPiece vocabulary
+    path = tmp_path / "recipe.yaml"
+    text = path.read_text().replace(
+        "student: {from_teacher: true}", f"student: {{loader: hf, model: {other}, task: causal-lm}}"
+    )
+    text = text.replace("task: language-modeling,", "task: language-modeling, tokenizer: teacher,")
+    path.write_text(text.replace("[{name: student_layers, layers: [0, 2]}, ", "["))
+    with pytest.raises(RecipeError, match="must start with the teacher's tokenizer"):
+        build_plan(load_recipe(path), registry)
