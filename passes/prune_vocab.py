@@ -118,7 +118,7 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
         before = sum(p.numel() for p in module.parameters())
         # the first eval samples, in the teacher's ids: read before and after pruning
         sample = _eval_sample(context.data, next(module.parameters()).device)
-        held_out = _outputs(module, sample, keep if causal else None, causal=causal)
+        held_out = _outputs(module, sample, keep if causal else None)
         module.tokenizer = prune_tokenizer(tokenizer, keep)
         _prune_embeddings(module, keep, tokenizer)
         stand_in = "their first kept piece" if _is_bpe(tokenizer) else "unknown"
@@ -138,7 +138,7 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
             # text retokenised by its own tokenizer has other positions: compared on the data's
             moved = (
                 "changes the student's top-1 next token at "
-                f"{_distance(held_out, _outputs(module, sample, causal=True))} of the positions "
+                f"{_distance(held_out, _outputs(module, sample))} of the positions "
                 f"(dropped tokens read as {stand_in}, as training reads them)"
             )
         else:
@@ -354,13 +354,11 @@ def _eval_sample(data: Any, device: torch.device, samples: int = 256) -> Any:
     return data.batch("eval", range(n), device)[0] if n else None
 
 
-def _outputs(
-    module: HFModule, x: Any, logit_ids: list[int] | None = None, causal: bool = False
-) -> torch.Tensor | None:
+def _outputs(module: HFModule, x: Any, logit_ids: list[int] | None = None) -> torch.Tensor | None:
     """The model's outputs on inputs `x` in the teacher's ids, in eval form: sentence
-    embeddings (mean-pooled token states), or for a causal LM (`causal`) its top-1 next token
-    at each position (-1 at padding), over `logit_ids` (the kept tokens, before its head is
-    pruned to them)."""
+    embeddings (mean-pooled token states), or for a causal LM its top-1 next token at each
+    position (-1 at padding), over `logit_ids` (the kept tokens, before its head is pruned to
+    them)."""
     if x is None:
         return None
     index = None if logit_ids is None else torch.tensor(logit_ids, device=x["input_ids"].device)
@@ -369,7 +367,7 @@ def _outputs(
         out = module(**part)
         return out if index is None else out.index_select(-1, index)
 
-    return _pooled(module, run, x, reduce=_top1 if causal else mean_pool)
+    return _pooled(module, run, x, reduce=_top1 if module.task == "causal-lm" else mean_pool)
 
 
 def _top1(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,11 @@ class HFModule(nn.Module):
         """With a pruned vocabulary, the map from the teacher's token ids to this model's."""
         return self._buffers.get(VOCAB_MAP)
 
+    @property
+    def logit_token_ids(self) -> torch.Tensor | None:
+        """With `read_logits_over`, the token ids whose logits this model returns."""
+        return self._buffers.get(LOGIT_IDS)
+
     def read_logits_over(self, token_ids: list[int]) -> None:
         """Return logits over `token_ids` only, in that order (a causal-LM teacher of a pruned
         student: both distributions then cover the student's tokens). Not persistent: the
@@ -85,7 +90,7 @@ class HFModule(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra
         )
         logits = getattr(out, self.output_name)
-        logit_ids = self._buffers.get(LOGIT_IDS)
+        logit_ids = self.logit_token_ids
         return logits if logit_ids is None else logits.index_select(-1, logit_ids)
 
 

@@ -72,7 +72,7 @@ class HFExporter(ONNXExporter):
         }
         own = own_ids(module)  # a pruned vocabulary: the folder reads its tokenizer's ids
         plain = graph if own is None else without_vocab_map(graph)
-        if LOGIT_IDS in dict(module.named_buffers()):  # a pruned student's teacher: the folder
+        if module.logit_token_ids is not None:  # a pruned student's teacher: the folder
             graph = plain = without_logit_read(graph)  # is the whole model, every token's logit
         example_inputs, folder_inputs = own_inputs(own, example_inputs, verify_inputs)
         if own is not None:
