@@ -69,10 +69,9 @@ class StudentLayers(ModulePass[StudentLayersOptions]):
     name = "student_layers"
 
     def __call__(self, module: nn.Module, context: ModulePassContext) -> nn.Module:
-        if not isinstance(module, HFModule):
-            raise ValueError(
-                f"student_layers needs a Hugging Face model (loader: hf), got {type(module).__name__}"
-            )
+        return self._rewrite(hugging_face(module, "student_layers"), context)
+
+    def _rewrite(self, module: HFModule, context: ModulePassContext) -> HFModule:
         o = self.options
         path, blocks = decoder_layers(module.hf_model)
         depth = len(blocks)
@@ -112,22 +111,7 @@ class StudentLayers(ModulePass[StudentLayersOptions]):
             raise ValueError(
                 f"student_layers: keep {o.keep} of a teacher with {len(blocks)} blocks"
             )
-        if context.data is None or len(context.data.train) == 0:
-            raise ValueError(
-                "student_layers: keep: N ranks blocks on the training data; there is none"
-            )
-        size = min(context.batch_size, len(context.data.train))
-        batches = []
-        for b in range(o.calibration_batches):
-            indices = range(b * size, min((b + 1) * size, len(context.data.train)))
-            if len(indices) == 0:
-                break
-            x, _ = context.data.batch("train", indices, torch.device("cpu"))
-            if not isinstance(x, dict):
-                raise ValueError(
-                    "student_layers: keep: N needs text inputs (input_ids, attention_mask)"
-                )
-            batches.append(x)
+        batches = calibration_batches(context, o.calibration_batches, "student_layers: keep: N")
         how = "kl_drop" if o.select == "auto" else o.select
         scores = rank_blocks(module, blocks, batches, how)
         keep = sorted(sorted(range(len(blocks)), key=lambda i: -scores[i])[: o.keep])
@@ -136,9 +120,41 @@ class StudentLayers(ModulePass[StudentLayersOptions]):
         )
         context.notes.append(
             f"student_layers kept blocks {keep} of {len(blocks)} by {how} on "
-            f"{len(batches)} batches of {size}; most important first: {ranking}"
+            f"{len(batches)} batches of {len(batches[0]['input_ids'])}; most important first: "
+            f"{ranking}"
         )
         return keep
+
+
+def hugging_face(module: nn.Module, who: str) -> HFModule:
+    """`module` as the Hugging Face model a pass `who` rewrites, or a clear refusal."""
+    if not isinstance(module, HFModule):
+        raise ValueError(
+            f"{who} needs a Hugging Face model (loader: hf), got {type(module).__name__}"
+        )
+    return module
+
+
+def calibration_batches(
+    context: ModulePassContext, count: int, who: str
+) -> list[dict[str, torch.Tensor]]:
+    """The first `count` training batches, on the CPU, for a pass that measures the model;
+    `who` names the pass and option in the errors."""
+    if context.data is None or len(context.data.train) == 0:
+        raise ValueError(f"{who} measures the model on the training data; there is none")
+    size = min(context.batch_size, len(context.data.train))
+    batches = []
+    for b in range(count):
+        indices = range(b * size, min((b + 1) * size, len(context.data.train)))
+        if len(indices) == 0:
+            break
+        x, _ = context.data.batch("train", indices, torch.device("cpu"))
+        if not isinstance(x, dict) or "attention_mask" not in x:
+            raise ValueError(
+                f"{who} needs text inputs (input_ids, attention_mask) in the training data"
+            )
+        batches.append(x)
+    return batches
 
 
 def rank_blocks(
@@ -158,7 +174,7 @@ def rank_blocks(
                     # the blocks before i see what they saw in the full pass: replay their
                     # outputs instead of computing them again (half the blocks, on average)
                     with _replayed(list(blocks)[:i], outputs[:i]), _skipping(block):
-                        scores[i] += _moved(module.task, full, module(**x), x) / len(batches)
+                        scores[i] += moved(module.task, full, module(**x), x) / len(batches)
             return scores
     finally:
         module.train(was_training)
@@ -213,7 +229,7 @@ def _skipped(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], ou
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def _moved(
+def moved(
     task: str, full: torch.Tensor, without: torch.Tensor, x: dict[str, torch.Tensor]
 ) -> float:
     """How far the output moved when a block was skipped."""

@@ -261,7 +261,7 @@ train: {{steps: 2}}
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_ranking_replays_earlier_blocks_exactly(tiny, family):
     """Replaying the blocks before the skipped one gives the scores of running them all."""
-    from compressor.passes.student_layers import _moved, _skipping, rank_blocks
+    from compressor.passes.student_layers import _skipping, moved, rank_blocks
 
     task = "causal-lm" if family == "llama" else "feature-extraction"
     model = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
@@ -280,10 +280,10 @@ def test_ranking_replays_earlier_blocks_exactly(tiny, family):
         expected = []
         for block in blocks:
             with _skipping(block):
-                moved = [
-                    _moved(task, f, module(**x), x) for f, x in zip(full, batches, strict=True)
+                changes = [
+                    moved(task, f, module(**x), x) for f, x in zip(full, batches, strict=True)
                 ]
-            expected.append(sum(moved) / len(moved))
+            expected.append(sum(changes) / len(changes))
     got = rank_blocks(module, blocks, batches, "kl_drop")
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-9)
     assert min(got) > 0  # every block of a random model moves the output

@@ -38,6 +38,7 @@ BUILTIN = {
     "preference",
     "student_layers",
     "prune_vocab",
+    "prune_ffn",
     "fused_head",
     "hf_loaders",
     "transformer_losses",
@@ -67,6 +68,7 @@ def test_builtins_load_through_entry_points(registry):
     assert registry.names("module_pass") == [
         "moe_routing",
         "moe_upcycle",
+        "prune_ffn",
         "prune_vocab",
         "student_layers",
     ]
