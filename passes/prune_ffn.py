@@ -42,8 +42,8 @@ class PruneFFNOptions(BaseModel):
 class FeedForward:
     """One block's feed-forward projections: `ups` read the hidden state, `down` writes it."""
 
-    def __init__(self, path: str, ups: list[nn.Linear], down: nn.Linear):
-        self.path, self.ups, self.down = path, ups, down
+    def __init__(self, ups: list[nn.Linear], down: nn.Linear):
+        self.ups, self.down = ups, down
 
     def keep(self, neurons: torch.Tensor) -> None:
         """Keep these neurons (sorted indices): rows of the ups, columns of the down."""
@@ -92,11 +92,10 @@ class PruneFFN(ModulePass[PruneFFNOptions]):
                 ) / len(batches)
         finally:
             module.train(was_training)
-        measure = (
-            "1 - cosine of the pooled embeddings"
-            if module.task == "feature-extraction"
-            else "KL(before || after) per token"
-        )
+        measure = {
+            "feature-extraction": "1 - cosine of the pooled embeddings",
+            "causal-lm": "KL(before || after) per token",
+        }.get(module.task, "KL(before || after) over classes")
         context.notes.append(
             f"prune_ffn kept {kept} of {width} feed-forward neurons in each of {len(ffns)} blocks "
             f"(mean |activation| x output-weight norm on {len(batches)} training batches); "
@@ -129,7 +128,7 @@ def feed_forward(path: str, block: nn.Module, hidden: int, width: int) -> FeedFo
             "takes blocks with one such network (BERT, Llama and kin; not mixtures of experts, "
             "nor GPT-2's Conv1D)"
         )
-    return FeedForward(path, ups, downs[0])
+    return FeedForward(ups, downs[0])
 
 
 def neuron_scores(

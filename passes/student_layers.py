@@ -232,7 +232,8 @@ def _skipped(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], ou
 def moved(
     task: str, full: torch.Tensor, without: torch.Tensor, x: dict[str, torch.Tensor]
 ) -> float:
-    """How far the output moved when a block was skipped."""
+    """How far the output moved from `full` (a block skipped, neurons pruned): 1 - cosine of
+    pooled embeddings for an encoder, else mean KL(full || without) per token or sample."""
     mask = x["attention_mask"].bool()
     if task == "feature-extraction":  # what sentence-embedding users consume
         a, b = mean_pool(full, x["attention_mask"]), mean_pool(without, x["attention_mask"])
