@@ -243,10 +243,10 @@ class MoEUpcycle(ModulePass[MoEUpcycleOptions]):
     ) -> list[torch.Tensor]:
         """Per site: router weights [E, H] from k-means on the FFN's inputs."""
         o = self.options
-        if context.data is None or len(context.data.train) == 0:
-            raise ValueError(
-                "moe_upcycle: router_init: calibration needs training data; there is none"
-            )
+        device = next(module.parameters()).device
+        batches = context.training_batches(
+            o.calibration_batches, "moe_upcycle: router_init: calibration", device
+        )
         inputs: list[list[torch.Tensor]] = [[] for _ in sites]
         # BERT's FFN is a Sequential(intermediate, output dense): record the intermediate's input
         ffn_modules = [s[3].get_submodule("0") if len(s[2]) == 2 else s[3] for s in sites]
@@ -259,17 +259,11 @@ class MoEUpcycle(ModulePass[MoEUpcycleOptions]):
             return hook
 
         handles = [m.register_forward_pre_hook(recorder(n)) for n, m in enumerate(ffn_modules)]
-        device = next(module.parameters()).device
-        size = min(context.batch_size, len(context.data.train))
         was_training = module.training
         module.eval()
         try:
             with torch.no_grad():
-                for b in range(o.calibration_batches):
-                    indices = range(b * size, min((b + 1) * size, len(context.data.train)))
-                    if len(indices) == 0:
-                        break
-                    x, _ = context.data.batch("train", indices, device)
+                for x in batches:
                     call_model(module, x)
         finally:
             for handle in handles:

@@ -20,8 +20,13 @@ from torch import nn
 
 from compressor.hookspecs import hookimpl
 from compressor.module_pass import ModulePass, ModulePassContext
-from compressor.passes.student_layers import calibration_batches, hugging_face, moved
-from compressor.plugins.hf import HFModule, decoder_layers
+from compressor.plugins.hf import (
+    HFModule,
+    decoder_layers,
+    hf_module,
+    output_change,
+    text_batches,
+)
 
 
 class PruneFFNOptions(BaseModel):
@@ -62,7 +67,7 @@ class PruneFFN(ModulePass[PruneFFNOptions]):
     name = "prune_ffn"
 
     def __call__(self, module: nn.Module, context: ModulePassContext) -> nn.Module:
-        return self._rewrite(hugging_face(module, "prune_ffn"), context)
+        return self._rewrite(hf_module(module, "prune_ffn"), context)
 
     def _rewrite(self, module: HFModule, context: ModulePassContext) -> HFModule:
         config = module.config
@@ -76,7 +81,7 @@ class PruneFFN(ModulePass[PruneFFNOptions]):
         kept = self._size(width)
         path, blocks = decoder_layers(module.hf_model)
         ffns = [feed_forward(f"{path}.{i}", block, hidden, width) for i, block in enumerate(blocks)]
-        batches = calibration_batches(context, self.options.calibration_batches, "prune_ffn")
+        batches = text_batches(context, self.options.calibration_batches, "prune_ffn")
         was_training = module.training
         module.eval()
         try:
@@ -87,7 +92,7 @@ class PruneFFN(ModulePass[PruneFFNOptions]):
                     ffn.keep(score.topk(kept).indices.sort().values)
                 config.intermediate_size = kept
                 change = sum(
-                    moved(module.task, b, module(**x), x)
+                    output_change(module.task, b, module(**x), x)
                     for b, x in zip(before, batches, strict=True)
                 ) / len(batches)
         finally:

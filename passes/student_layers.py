@@ -31,7 +31,7 @@ from torch import nn
 
 from compressor.hookspecs import hookimpl
 from compressor.module_pass import ModulePass, ModulePassContext
-from compressor.plugins.hf import HFModule, decoder_layers, mean_pool
+from compressor.plugins.hf import HFModule, decoder_layers, hf_module, output_change, text_batches
 
 
 class StudentLayersOptions(BaseModel):
@@ -69,7 +69,7 @@ class StudentLayers(ModulePass[StudentLayersOptions]):
     name = "student_layers"
 
     def __call__(self, module: nn.Module, context: ModulePassContext) -> nn.Module:
-        return self._rewrite(hugging_face(module, "student_layers"), context)
+        return self._rewrite(hf_module(module, "student_layers"), context)
 
     def _rewrite(self, module: HFModule, context: ModulePassContext) -> HFModule:
         o = self.options
@@ -111,7 +111,7 @@ class StudentLayers(ModulePass[StudentLayersOptions]):
             raise ValueError(
                 f"student_layers: keep {o.keep} of a teacher with {len(blocks)} blocks"
             )
-        batches = calibration_batches(context, o.calibration_batches, "student_layers: keep: N")
+        batches = text_batches(context, o.calibration_batches, "student_layers: keep: N")
         how = "kl_drop" if o.select == "auto" else o.select
         scores = rank_blocks(module, blocks, batches, how)
         keep = sorted(sorted(range(len(blocks)), key=lambda i: -scores[i])[: o.keep])
@@ -124,37 +124,6 @@ class StudentLayers(ModulePass[StudentLayersOptions]):
             f"{ranking}"
         )
         return keep
-
-
-def hugging_face(module: nn.Module, who: str) -> HFModule:
-    """`module` as the Hugging Face model a pass `who` rewrites, or a clear refusal."""
-    if not isinstance(module, HFModule):
-        raise ValueError(
-            f"{who} needs a Hugging Face model (loader: hf), got {type(module).__name__}"
-        )
-    return module
-
-
-def calibration_batches(
-    context: ModulePassContext, count: int, who: str
-) -> list[dict[str, torch.Tensor]]:
-    """The first `count` training batches, on the CPU, for a pass that measures the model;
-    `who` names the pass and option in the errors."""
-    if context.data is None or len(context.data.train) == 0:
-        raise ValueError(f"{who} measures the model on the training data; there is none")
-    size = min(context.batch_size, len(context.data.train))
-    batches = []
-    for b in range(count):
-        indices = range(b * size, min((b + 1) * size, len(context.data.train)))
-        if len(indices) == 0:
-            break
-        x, _ = context.data.batch("train", indices, torch.device("cpu"))
-        if not isinstance(x, dict) or "attention_mask" not in x:
-            raise ValueError(
-                f"{who} needs text inputs (input_ids, attention_mask) in the training data"
-            )
-        batches.append(x)
-    return batches
 
 
 def rank_blocks(
@@ -174,7 +143,7 @@ def rank_blocks(
                     # the blocks before i see what they saw in the full pass: replay their
                     # outputs instead of computing them again (half the blocks, on average)
                     with _replayed(list(blocks)[:i], outputs[:i]), _skipping(block):
-                        scores[i] += moved(module.task, full, module(**x), x) / len(batches)
+                        scores[i] += output_change(module.task, full, module(**x), x) / len(batches)
             return scores
     finally:
         module.train(was_training)
@@ -227,21 +196,6 @@ def _skipped(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], ou
     output (the rest of a tuple output, attention maps or caches, is kept)."""
     hidden = _hidden_in(args, kwargs)
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-def moved(
-    task: str, full: torch.Tensor, without: torch.Tensor, x: dict[str, torch.Tensor]
-) -> float:
-    """How far the output moved from `full` (a block skipped, neurons pruned): 1 - cosine of
-    pooled embeddings for an encoder, else mean KL(full || without) per token or sample."""
-    mask = x["attention_mask"].bool()
-    if task == "feature-extraction":  # what sentence-embedding users consume
-        a, b = mean_pool(full, x["attention_mask"]), mean_pool(without, x["attention_mask"])
-        return float((1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean())
-    p = F.log_softmax(full.float(), dim=-1)
-    q = F.log_softmax(without.float(), dim=-1)
-    kl = F.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # KL(full || without)
-    return float(kl[mask].mean()) if kl.dim() == 2 else float(kl.mean())
 
 
 def _block_influence(

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from compressor.module_pass import ModulePassContext
 
 # task -> (transformers Auto class, output field, optimum onnxruntime class)
 TASKS: dict[str, tuple[str, str, str]] = {
@@ -129,3 +133,37 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     """Sentence embedding as sentence-transformers computes it: the mean of token states."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def hf_module(module: nn.Module, who: str) -> HFModule:
+    """`module` as the Hugging Face model a pass `who` rewrites, or a clear refusal."""
+    if not isinstance(module, HFModule):
+        raise ValueError(
+            f"{who} needs a Hugging Face model (loader: hf), got {type(module).__name__}"
+        )
+    return module
+
+
+def text_batches(context: ModulePassContext, count: int, who: str) -> list[dict[str, torch.Tensor]]:
+    """The context's training batches for a pass `who`, which must be named text inputs."""
+    batches = context.training_batches(count, who)
+    if not all(isinstance(x, dict) and "attention_mask" in x for x in batches):
+        raise ValueError(
+            f"{who} needs text inputs (input_ids, attention_mask) in the training data"
+        )
+    return batches
+
+
+def output_change(
+    task: str, full: torch.Tensor, changed: torch.Tensor, x: dict[str, torch.Tensor]
+) -> float:
+    """How far a model's output moved from `full` (a block skipped, neurons pruned): 1 - cosine
+    of pooled embeddings for an encoder, else mean KL(full || changed) per token or sample."""
+    mask = x["attention_mask"].bool()
+    if task == "feature-extraction":  # what sentence-embedding users consume
+        a, b = mean_pool(full, x["attention_mask"]), mean_pool(changed, x["attention_mask"])
+        return float((1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean())
+    p = F.log_softmax(full.float(), dim=-1)
+    q = F.log_softmax(changed.float(), dim=-1)
+    kl = F.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # KL(full || changed)
+    return float(kl[mask].mean()) if kl.dim() == 2 else float(kl.mean())

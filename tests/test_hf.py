@@ -261,7 +261,8 @@ train: {{steps: 2}}
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_ranking_replays_earlier_blocks_exactly(tiny, family):
     """Replaying the blocks before the skipped one gives the scores of running them all."""
-    from compressor.passes.student_layers import _skipping, moved, rank_blocks
+    from compressor.passes.student_layers import _skipping, rank_blocks
+    from compressor.plugins.hf import output_change
 
     task = "causal-lm" if family == "llama" else "feature-extraction"
     model = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
@@ -281,7 +282,8 @@ def test_ranking_replays_earlier_blocks_exactly(tiny, family):
         for block in blocks:
             with _skipping(block):
                 changes = [
-                    moved(task, f, module(**x), x) for f, x in zip(full, batches, strict=True)
+                    output_change(task, f, module(**x), x)
+                    for f, x in zip(full, batches, strict=True)
                 ]
             expected.append(sum(changes) / len(changes))
     got = rank_blocks(module, blocks, batches, "kl_drop")
