@@ -36,10 +36,7 @@ def measure(plan: DistillPlan, artifacts: list[Artifact]) -> dict[str, dict[str,
     for role, graph in graphs:
         with failure(f"measuring the {role}"):
             out[role] = {
-                "parameters": sum(p.numel() for p in graph.parameters()),
-                "state_bytes": sum(
-                    t.numel() * t.element_size() for t in graph.state_dict().values()
-                ),
+                **_used_state(graph),
                 "quality": plan.evaluator(graph),
                 **_active_parameters(plan.student if role == "student" else plan.teacher),
                 "latency_ms": {},  # "pytorch": on report["device"]
@@ -158,6 +155,30 @@ def latency_inputs(plan: DistillPlan, batch: int, tokens: int | None) -> Inputs:
     repeats = -(-tokens // ids.shape[1])
     ids = ids.repeat(1, repeats)[:, :tokens]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _used_state(graph: fx.GraphModule) -> dict[str, int]:
+    """Parameters and state bytes of what the graph's output depends on: the teacher's graph
+    is kept whole for export, so parts no output reads (a BERT pooler under mean-pooled
+    embeddings) would otherwise count for it and not for the stripped student."""
+    live: set[fx.Node] = set()
+    stack = [n for n in graph.graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    read = {str(n.target) for n in live if n.op in ("call_module", "get_attr")}
+    state = {  # by identity: a tied weight counts once
+        id(t): t
+        for name, t in graph.state_dict(keep_vars=True).items()
+        if any(name == r or name.startswith(r + ".") for r in read)
+    }
+    parameters = {id(p) for p in graph.parameters()}
+    return {
+        "parameters": sum(t.numel() for t in state.values() if id(t) in parameters),
+        "state_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+    }
 
 
 def _active_parameters(module: nn.Module | None) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""Latency for the report: every model and artifact timed in interleaved rounds."""
+"""What the report measures: latency of every model and artifact timed in interleaved rounds,
+and sizes counted over what each graph's outputs read."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import time
 
 import pytest
 import torch
+from torch import fx, nn
 
 from compressor.errors import RunFailed
-from compressor.measure import Timed, interleaved_medians
+from compressor.measure import Timed, _used_state, interleaved_medians
 
 
 def _recorder(name: str, calls: list[str], seconds: float = 0.0):
@@ -69,3 +71,28 @@ def test_a_bench_burst_follows_untimed_calls_of_its_own():
     times = _time_calls(lambda x: calls.append("c") or time.sleep(0.004), None, 3, 1.0)
     assert len(times) == 3
     assert len(calls) >= 6 + 3  # 0.025 s of 0.004 s calls (6 at least), then the 3 timed
+
+
+class _Pooled(nn.Module):
+    """An encoder whose pooler no output reads, and a head tied to its embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+        self.pooler = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(ids) * self.scale
+        self.pooler(hidden[:, 0])  # computed, never returned: dead code
+        return self.head(hidden)
+
+
+def test_sizes_count_what_the_outputs_read_and_a_tied_weight_once():
+    graph = fx.symbolic_trace(_Pooled())
+    assert any(n.target == "pooler" for n in graph.graph.nodes)  # the graph still calls it
+    used = _used_state(graph)
+    assert used["parameters"] == 10 * 4  # the tied table; not the pooler's 4 * 4 + 4
+    assert used["state_bytes"] == (10 * 4 + 4) * 4  # + the buffer the output reads
