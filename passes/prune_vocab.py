@@ -295,7 +295,7 @@ def _prune_embeddings(module: HFModule, keep: list[int], teacher_tokenizer: Any)
         mapping[old_id] = piece
     mapping[index] = torch.arange(len(keep))
     # not persistent: transformers' checkpoint stays the plain pruned model
-    module.register_buffer(VOCAB_MAP, mapping.to(old.weight.device), persistent=False)
+    module.register_own_buffer(VOCAB_MAP, mapping.to(old.weight.device))
     module.kept_token_ids = list(keep)
 
 

@@ -83,7 +83,13 @@ class HFModule(nn.Module):
         if self.task != "causal-lm":
             raise ValueError(f"only a causal LM's logits are over tokens; this is {self.task!r}")
         device = next(self.parameters()).device
-        self.register_buffer(LOGIT_IDS, torch.tensor(token_ids, device=device), persistent=False)
+        self.register_own_buffer(LOGIT_IDS, torch.tensor(token_ids, device=device))
+
+    def register_own_buffer(self, name: str, tensor: torch.Tensor) -> None:
+        """A buffer of the wrapper's that no checkpoint holds: this module shares the model's
+        buffer dict, so the model is told not to save it either (`save_pretrained`)."""
+        self.register_buffer(name, tensor, persistent=False)
+        self.hf_model._non_persistent_buffers_set.add(name)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         vocab_map = self.teacher_id_map

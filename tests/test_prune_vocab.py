@@ -108,6 +108,10 @@ def test_pruned_student_folder_tokenises_raw_text_itself(bert, tmp_path, registr
     config = json.loads((folder / "config.json").read_text())
     teacher_ids = json.loads((folder / "teacher_token_ids.json").read_text())
     assert config["vocab_size"] == len(teacher_ids) < 30522 // 4
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as weights:  # the plain pruned model
+        assert VOCAB_MAP not in set(weights.keys())
 
     from optimum.onnxruntime import ORTModelForFeatureExtraction
 
