@@ -59,6 +59,13 @@ class PruneVocabOptions(BaseModel):
         "as a stand-in in training (BPE: their first kept piece; WordPiece: unknown) and fall "
         "back to pieces in the exported tokenizer)",
     )
+    max_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="keep at most this many tokens: the special tokens and fallback pieces, "
+        "then the most used (a budget for the embedding table); the rest read as with "
+        "min_count",
+    )
     fallback_pieces: Literal["seen", "all", "none"] = Field(
         "seen",
         description="single-character pieces unseen words fall back to (WordPiece): those of "
@@ -113,7 +120,8 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
             for i in tokenizer(text, add_special_tokens=False)["input_ids"]:
                 counts[i] = counts.get(i, 0) + 1
         used = {i for i, n in counts.items() if n >= self.options.min_count}
-        keep = kept_ids(tokenizer, used, self.options.fallback_pieces, text_ids=counts)
+        keep = self._kept(tokenizer, used, counts)
+        used &= set(keep)
         old_size = module.hf_model.get_input_embeddings().weight.shape[0]
         before = sum(p.numel() for p in module.parameters())
         # the first eval samples, in the teacher's ids: read before and after pruning
@@ -158,6 +166,30 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
             f"{_share_in(_token_counts(context.data, 'eval'), kept)} of the tokens and {moved}"
         )
         return module
+
+    def _kept(self, tokenizer: Any, used: set[int], counts: dict[int, int]) -> list[int]:
+        """`kept_ids` of the most used tokens that fit `max_tokens` with what every pruned
+        vocabulary keeps (special tokens, fallback pieces, BPE's merge parts)."""
+        o = self.options
+        ranked = sorted(used, key=lambda i: (-counts[i], i))
+
+        def kept(n: int) -> list[int]:
+            return kept_ids(tokenizer, ranked[:n], o.fallback_pieces, text_ids=counts)
+
+        everything = kept(len(ranked))
+        if o.max_tokens is None or len(everything) <= o.max_tokens:
+            return everything
+        if len(floor := kept(0)) > o.max_tokens:
+            raise ValueError(
+                f"max_tokens {o.max_tokens} is below the {len(floor):,} tokens every pruned "
+                "vocabulary of this text keeps (special tokens and the pieces words fall back "
+                f"to): at least {len(floor):,}, or fallback_pieces: none"
+            )
+        fits, over = 0, len(ranked)  # the kept set grows with n: bisect for the largest fit
+        while over - fits > 1:
+            mid = (fits + over) // 2
+            fits, over = (mid, over) if len(kept(mid)) <= o.max_tokens else (fits, mid)
+        return kept(fits)
 
 
 def kept_ids(

@@ -209,6 +209,33 @@ def test_min_count_drops_rare_tokens_and_says_how_many(bert, tmp_path, registry)
     assert "0.00% of its tokens read as unknown" not in notes[3]
 
 
+def test_max_tokens_keeps_the_most_used_tokens_that_fit(bert, tmp_path, registry):
+    from compressor.passes.prune_vocab import _token_counts
+
+    def plan(budget: int | None):
+        option = "" if budget is None else f", max_tokens: {budget}"
+        return build_plan(
+            _recipe(tmp_path / str(budget), bert, f"[{{name: prune_vocab{option}}}]"), registry
+        )
+
+    whole = plan(None)
+    counts = _token_counts(whole.data, "train")
+    always = set(kept_ids(whole.teacher.tokenizer, [], text_ids=counts))  # specials, pieces
+    floor = len(always)
+    budget = (floor + whole.student.config.vocab_size) // 2
+    small = plan(budget)
+    assert small.student.config.vocab_size == budget  # WordPiece: one row per ranked token
+    kept = set(small.student.kept_token_ids)
+    used_kept = [n for i, n in counts.items() if i in kept - always]
+    used_dropped = [n for i, n in counts.items() if i not in kept]
+    assert used_dropped and min(used_kept) >= max(used_dropped)  # the most used stay
+    note = next(x for x in small.notes if "prune_vocab" in x)
+    assert "0.00% of its tokens read as unknown" not in note
+    assert plan(10**6).student.config.vocab_size == whole.student.config.vocab_size
+    with pytest.raises(RecipeError, match=f"below the {floor:,} tokens every pruned"):
+        plan(floor - 1)
+
+
 def test_byte_level_bpe_keeps_merge_parts_and_round_trips():
     from pydoc_data.topics import topics
 
