@@ -26,6 +26,8 @@ from compressor.plugins.text_corpora import (
     docstring_families,
     library_paragraphs,
     library_sentences,
+    package_paragraphs,
+    package_sentences,
     prose_sentences,
 )
 from compressor.recipe import DataSpec, ModelSpec, Recipe
@@ -173,7 +175,8 @@ class TextOptions(BaseModel):
         "prose",
         description="prose (language reference sentences), library (every prose paragraph of "
         "the standard library's documentation and docstrings), library-sentences (their "
-        "sentences), docstrings (labelled by stdlib "
+        "sentences), package:NAME / package-sentences:NAME (the same from an installed "
+        "package's docstrings, e.g. package-sentences:torch), docstrings (labelled by stdlib "
         "family), or a .txt (one text per line) / .jsonl file",
     )
     task: Task = "embedding"
@@ -336,6 +339,13 @@ class TextData(DataLoader[TextOptions]):
             return list(library_paragraphs()), None
         if source == "library-sentences":
             return list(library_sentences()), None
+        kind, _, package = source.partition(":")
+        if package and kind in ("package", "package-sentences"):
+            read = package_paragraphs if kind == "package" else package_sentences
+            try:
+                return list(read(package)), None
+            except LookupError as exc:
+                raise RecipeError(where, str(exc), "an installed package: package:torch") from None
         if source == "docstrings":
             pairs = docstring_families()
             return [t for t, _ in pairs], [f for _, f in pairs]
@@ -344,7 +354,8 @@ class TextData(DataLoader[TextOptions]):
             raise RecipeError(
                 where,
                 f"text file not found: {file}",
-                "prose, library, library-sentences, docstrings, a .txt or .jsonl file",
+                "prose, library, library-sentences, package:NAME, package-sentences:NAME, "
+                "docstrings, a .txt or .jsonl file",
             )
         if file.suffix == ".txt":
             return [ln.strip() for ln in file.read_text().splitlines() if ln.strip()], None

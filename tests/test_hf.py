@@ -23,6 +23,7 @@ from compressor.plugins.text_corpora import (
     docstring_families,
     library_paragraphs,
     library_sentences,
+    package_sentences,
     prose_paragraphs,
     prose_sentences,
 )
@@ -417,6 +418,43 @@ def test_the_library_corpus_is_every_prose_paragraph_once():
     assert all(
         30 <= len(s) <= 300 and any(s in p for p in paragraphs[:2000]) for s in sentences[:50]
     )
+
+
+def test_a_package_corpus_is_its_docstrings_without_tests_or_vendored_code(
+    tiny, tmp_path, registry, monkeypatch
+):
+    package = tmp_path / "site" / "docpkg"
+    (package / "tests").mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        '"""Docpkg reads the weather from the sky above us. It never guesses tomorrow\'s."""\n'
+    )
+    (package / "core.py").write_text(
+        'class Cloud:\n    """A cloud holds water until it rains on the town below the hill.\n\n'
+        '    >>> Cloud()  # a doctest: not prose\n    """\n'
+    )
+    (package / "tests" / "test_core.py").write_text(
+        '"""Tests that every cloud rains on the town below the hill, as it should."""\n'
+    )
+    (package / "broken.py").write_text(
+        '"""A file this Python cannot parse at all, skipped."""\ndef (:\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    sentences = package_sentences("docpkg")
+    # file order; short sentences, doctests, tests and files that do not parse left out
+    assert sentences == (
+        "Docpkg reads the weather from the sky above us.",
+        "A cloud holds water until it rains on the town below the hill.",
+    )
+    recipe = load_recipe(_write(tmp_path, _encoder_recipe(tiny["bert"], tmp_path / "run")))
+    options = {"source": "prose", "tokenizer": str(tiny["bert"]), "max_length": 16, "limit": 40}
+
+    def load(extra):
+        loader = registry.create("data_loader", "text", {**options, "extra_train": extra})
+        return loader.load(recipe.data, recipe)
+
+    assert len(load(["package-sentences:docpkg"]).train) == len(load([]).train) + len(sentences)
+    with pytest.raises(RecipeError, match="no installed package named 'nodocpkg'"):
+        load(["package-sentences:nodocpkg"])
 
 
 def test_a_general_corpus_leaves_out_the_task_texts_and_task_data_can_be_limited(
