@@ -345,7 +345,9 @@ class TextData(DataLoader[TextOptions]):
             try:
                 return list(read(package)), None
             except LookupError as exc:
-                raise RecipeError(where, str(exc), "an installed package: package:torch") from None
+                raise RecipeError(
+                    where, str(exc), "an installed package's import name: package:sklearn"
+                ) from None
         if source == "docstrings":
             pairs = docstring_families()
             return [t for t, _ in pairs], [f for _, f in pairs]
