@@ -320,25 +320,24 @@ def _delete_unused_attributes(gm: fx.GraphModule) -> None:
 
 # -- running passes ------------------------------------------------------------------------------
 def order_passes(passes: Iterable[GraphPass]) -> list[GraphPass]:
-    """Topological order from runs_after/runs_before; ties keep the given order."""
+    """Topological order from runs_after/runs_before, which name passes and so bind every
+    entry of that name; entries of one name keep their given order, and so do ties."""
     items = list(passes)
-    names = [p.name for p in items]
-    after: dict[str, set[str]] = {n: set() for n in names}
-    for p in items:
-        after[p.name] |= {a for a in p.runs_after if a in after}
-        for b in p.runs_before:
-            if b in after:
-                after[b].add(p.name)
-    ordered: list[GraphPass] = []
-    done: set[str] = set()
+    before: list[set[int]] = [set() for _ in items]  # before[i]: the entries that precede i
+    for i, p in enumerate(items):
+        for j, q in enumerate(items):
+            if j == i:
+                continue
+            if q.name in p.runs_after or p.name in q.runs_before or q.name == p.name and j < i:
+                before[i].add(j)
+    ordered: list[int] = []
     while len(ordered) < len(items):
-        ready = [p for p in items if p.name not in done and after[p.name] <= done]
+        ready = [i for i in range(len(items)) if i not in ordered and before[i] <= set(ordered)]
         if not ready:
-            stuck = sorted(n for n in names if n not in done)
+            stuck = sorted({items[i].name for i in range(len(items)) if i not in ordered})
             raise PassError(f"graph passes {stuck} have contradictory runs_after/runs_before")
         ordered.append(ready[0])
-        done.add(ready[0].name)
-    return ordered
+    return [items[i] for i in ordered]
 
 
 def run_passes(

@@ -270,7 +270,7 @@ def build_plan(recipe: Recipe, registry: Registry, student: nn.Module | None = N
     _report(recipe, registry.pm.hook.compressor_validate_recipe(recipe=recipe))
     device = select_device(recipe)
     data = load_data(recipe, components.data_loader)
-    module_notes: list[str] = []
+    module_notes = _repeated_passes(recipe)
     teacher, student = load_models(recipe, components, student, device, data, module_notes)
     _choose_trainable(recipe, student, module_notes)
     _report(
@@ -516,16 +516,18 @@ def _label(name: str, earlier: list[Any]) -> str:
 def _graph_passes(
     recipe: Recipe, registry: Registry, make: Callable[..., Any], terms: list[LossTerm[Any]]
 ) -> list[tuple[str, GraphPass[Any]]]:
+    # a recipe entry replaces the default pass of that name (e.g. `tap` with extra nodes);
+    # every recipe entry runs, two of one name too (in recipe order)
+    listed = {spec.name for spec in recipe.passes}
     passes: list[tuple[str, GraphPass[Any]]] = [
-        ("both", registry.create("graph_pass", name, {})) for name in DEFAULT_GRAPH_PASSES
+        ("both", registry.create("graph_pass", name, {}))
+        for name in DEFAULT_GRAPH_PASSES
+        if name not in listed
     ]
     for i, spec in enumerate(recipe.passes):
         graph_pass = make("graph_pass", spec.name, spec.options, ("passes", i))
-        if graph_pass is None:
-            continue
-        # a recipe entry replaces the default pass of that name (e.g. `tap` with extra nodes)
-        passes = [(t, p) for t, p in passes if p.name != graph_pass.name]
-        passes.append((spec.target, graph_pass))
+        if graph_pass is not None:
+            passes.append((spec.target, graph_pass))
     # a loss reading an `@name` tap brings the pass that provides it, with default options,
     # for the roles that read it
     readers: dict[str, set[str]] = {}
@@ -609,21 +611,8 @@ def load_models(
         else:
             torch.manual_seed(recipe.seed + 1)
             student = components.model_loaders["student"].load(recipe, ("student",))
-        for i, target, module_pass in components.module_passes:
-            context = ModulePassContext(
-                target, teacher, data, recipe.data.batch_size, folder=recipe.resolve(".")
-            )
-            try:
-                if target == "student" and student is not None:
-                    student = module_pass(student, context)
-                elif teacher is not None:
-                    teacher = module_pass(teacher, context)
-                # a pass with target "teacher" and no teacher loaded has nothing to rewrite
-                if notes is not None:
-                    notes += [f"{target}: {note}" for note in context.notes]
-            except ValueError as exc:
-                raise RecipeError(recipe.locate(("module_passes", i)), str(exc)) from None
-    assert student is not None
+        assert student is not None
+        student, teacher = _run_module_passes(recipe, components, student, teacher, data, notes)
     if not needs_teacher:
         teacher = None
     for role, module in (("teacher", teacher), ("student", student)):
@@ -633,6 +622,55 @@ def load_models(
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     return teacher, student
+
+
+def _repeated_passes(recipe: Recipe) -> list[str]:
+    """Notes for a pass that a recipe lists more than once for one role: each entry runs."""
+    notes = []
+    for key, specs in (("module_passes", recipe.module_passes), ("passes", recipe.passes)):
+        for role in ROLES:
+            entries: dict[str, list[int]] = {}
+            for i, spec in enumerate(specs):
+                if spec.target in (role, "both"):
+                    entries.setdefault(spec.name, []).append(i)
+            notes += [
+                f"{role}: {key} entry {name!r} runs {len(at)} times, in recipe order "
+                f"({', '.join(f'{key}[{i}]' for i in at)})"
+                for name, at in entries.items()
+                if len(at) > 1
+            ]
+    return notes
+
+
+def _run_module_passes(
+    recipe: Recipe,
+    components: Components,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    data: DataBundle | None,
+    notes: list[str] | None,
+) -> tuple[nn.Module, nn.Module | None]:
+    """Every module pass entry in recipe order, on each role its `target` names (`both`: the
+    teacher, then the student); a teacher pass with no teacher loaded has nothing to rewrite."""
+    for i, target, module_pass in components.module_passes:
+        for role in ("teacher", "student") if target == "both" else (target,):
+            model = student if role == "student" else teacher
+            if model is None:
+                continue
+            context = ModulePassContext(
+                role, teacher, data, recipe.data.batch_size, folder=recipe.resolve(".")
+            )
+            try:
+                model = module_pass(model, context)
+            except ValueError as exc:
+                raise RecipeError(recipe.locate(("module_passes", i)), str(exc)) from None
+            if role == "student":
+                student = model
+            else:
+                teacher = model
+            if notes is not None:
+                notes += [f"{role}: {note}" for note in context.notes]
+    return student, teacher
 
 
 def _choose_trainable(recipe: Recipe, student: nn.Module, notes: list[str]) -> None:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from compressor.api import DataBundle, Problem, Recipe
 from compressor.hookspecs import hookimpl
 from compressor.loading import call_model
 from compressor.module_pass import ModulePass, ModulePassContext
@@ -354,3 +355,28 @@ class MoERouting(ModulePass[MoERoutingOptions]):
 @hookimpl
 def compressor_module_passes() -> list[type]:
     return [MoEUpcycle, MoERouting]
+
+
+@hookimpl
+def compressor_validate_models(
+    recipe: Recipe, teacher: nn.Module | None, student: nn.Module, data: DataBundle
+) -> list[Problem]:
+    """Hugging Face sparse MoE blocks left after the module passes would fail capture deep in
+    torch.export ("could not guard on data-dependent expression"): say so, with the fix."""
+    problems = []
+    for role, model in (("teacher", teacher), ("student", student)):
+        blocks = [path for path, m in model.named_modules() if is_hf_moe_block(m)] if model else []
+        if blocks:
+            kind = type(model.get_submodule(blocks[0])).__name__  # type: ignore[union-attr]
+            problems.append(
+                Problem(
+                    f"the {role} has {len(blocks)} Hugging Face sparse MoE block(s) ({kind} at "
+                    f"{blocks[0]}, ...), whose expert loop has data-dependent shapes that "
+                    "torch.export and symbolic tracing cannot capture",
+                    (role,),
+                    "module_passes: [{name: moe_routing, target: both}] swaps them for the "
+                    "export-safe block with the same outputs (target: "
+                    f"{role} for the {role} alone)",
+                )
+            )
+    return problems

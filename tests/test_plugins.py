@@ -4,15 +4,18 @@ import json
 import subprocess
 import textwrap
 from pathlib import Path
+from typing import ClassVar
 
 import onnx
 import pytest
 import torch
 from conftest import FAST_RECIPE, TESTS, install_outside, run_compress
+from pydantic import BaseModel, ConfigDict
 
 from compressor import hookimpl
 from compressor.cli import main
 from compressor.errors import PluginError, RecipeErrors
+from compressor.graph_pass import GraphPass, PassResult
 from compressor.module_pass import ModulePass
 from compressor.plan import build_plan
 from compressor.plugin_manager import AUTOLOAD_ENV
@@ -223,6 +226,75 @@ class RecipeRules:
     @hookimpl
     def compressor_validate_recipe(self, recipe):
         return ["seed must be even in this lab"] if recipe.seed % 2 else []
+
+
+class LabelOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str
+
+
+class RecordGraph(GraphPass[LabelOptions]):
+    """Record which graph it ran on, with its option; changes nothing."""
+
+    name = "record_graph"
+    calls: ClassVar[list[tuple[str, str]]] = []
+
+    def __call__(self, gm, context):
+        self.calls.append((context.role, self.options.label))
+        return PassResult(gm, modified=False)
+
+
+class RecordModule(ModulePass[LabelOptions]):
+    """Record which model it ran on, with its option; changes nothing."""
+
+    name = "record_module"
+    calls: ClassVar[list[tuple[str, str]]] = []
+
+    def __call__(self, module, context):
+        self.calls.append((context.role, self.options.label))
+        return module
+
+
+class Recorders:
+    @hookimpl
+    def compressor_graph_passes(self):
+        return [RecordGraph]
+
+    @hookimpl
+    def compressor_module_passes(self):
+        return [RecordModule, ReluToGelu]
+
+
+def test_a_pass_listed_twice_runs_each_entry_on_its_targets_and_the_notes_say_so(write_recipe):
+    text = FAST_RECIPE + textwrap.dedent("""\
+        passes:
+          - {name: record_graph, label: a, target: student}
+          - {name: record_graph, label: b, target: teacher}
+          - {name: record_graph, label: c, target: both}
+        module_passes:
+          - {name: record_module, label: x}
+          - {name: record_module, label: y, target: both}
+          - {name: relu_to_gelu, target: both}
+        """)
+    RecordGraph.calls.clear()
+    RecordModule.calls.clear()
+    plan = build_plan(load_recipe(write_recipe(text)), Registry.load(extra=(Recorders(),)))
+    # module passes in recipe order, `both` on the teacher and then the student
+    assert RecordModule.calls == [("student", "x"), ("teacher", "y"), ("student", "y")]
+    for graph in (plan.student_graph, plan.teacher_graph):  # relu_to_gelu reached both
+        targets = {str(n.target) for n in graph.graph.nodes}
+        assert any("gelu" in t for t in targets) and not any("relu" in t for t in targets)
+    # graph passes: each entry on its role, in recipe order (the student has two graphs)
+    student = [label for role, label in RecordGraph.calls if role == "student"]
+    teacher = [label for role, label in RecordGraph.calls if role == "teacher"]
+    assert student == ["a", "c", "a", "c"] and teacher == ["b", "c"]
+    assert (
+        "student: passes entry 'record_graph' runs 2 times, in recipe order (passes[0], passes[2])"
+        in plan.notes
+    )
+    repeated = [n for n in plan.notes if " runs 2 times" in n]
+    assert len(repeated) == 3  # the teacher's module pass `y` ran once: no note
+    assert "student: module_passes entry 'record_module' runs 2 times" in " ".join(repeated)
 
 
 def test_module_passes_and_recipe_checks_from_a_plugin(write_recipe):
