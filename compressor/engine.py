@@ -353,9 +353,11 @@ def _check_split(plan: DistillPlan, world: distributed.World) -> None:
 
 class Divergence:
     """train.divergence: a loss that is not finite, one that is over `factor` times the median
-    of the steps before it and over where it started (the first step's loss, so a loss that
-    climbs back without passing its start is left alone), or a gradient norm that is not
-    finite. Checked from the second step on, so a blow-up at once is caught at once."""
+    of the steps before it, over where it started (the first step's loss, so a loss that
+    climbs back without passing its start is left alone) and over `floor` (a student that
+    starts as a copy of its teacher climbs from a loss near 0 by large ratios, healthily), or
+    a gradient norm that is not finite. Checked from the second step on, so a blow-up at once
+    is caught at once."""
 
     def __init__(self, spec: DivergenceGuard | None, history: list[dict[str, Any]]):
         self.spec = spec
@@ -376,13 +378,15 @@ class Divergence:
             return "non_finite_loss", f"the loss became {total}"
         if self.spec is not None and not math.isfinite(grad_norm):
             return "non_finite_grad", f"the gradient norm became {grad_norm} (loss {total:.4g})"
-        # the median only when the loss is above where it started (rarely): it sorts the window
-        if self.spec is not None and self.started is not None and total > self.started:
+        # the median only when the loss is above its start and the floor (rarely): it sorts the window
+        spec = self.spec
+        if spec is not None and self.started is not None and total > max(self.started, spec.floor):
             median = statistics.median(self.recent)
-            if median > 0 and total > self.spec.factor * median:
+            if median > 0 and total > spec.factor * median:
                 return "diverged", (
-                    f"the loss diverged: {total:.4g} is over {self.spec.factor:g}x the median "
-                    f"{median:.4g} of the steps before it (train.divergence)"
+                    f"the loss diverged: {total:.4g} is over {spec.factor:g}x the median "
+                    f"{median:.4g} of the steps before it and over the floor {spec.floor:g} "
+                    "(train.divergence)"
                 )
         self._add(total)
         return None

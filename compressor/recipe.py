@@ -107,11 +107,17 @@ class CaptureSpec(Strict):
 
 class DivergenceGuard(Strict):
     """Training stops when a step's loss is over `factor` times the median of the `window`
-    steps before it and over the first step's loss, or when the gradient norm is not
-    finite."""
+    steps before it, over the first step's loss and over `floor`, or when the gradient norm
+    is not finite."""
 
     factor: float = Field(100.0, gt=1)
     window: int = Field(100, ge=5)
+    floor: float = Field(
+        1.0,
+        ge=0,
+        description="a loss at or below this is never called diverged: a student that starts "
+        "as a copy of its teacher has a loss near 0, and a ratio to a median near 0 says nothing",
+    )
 
 
 class DistributedSpec(Strict):

@@ -64,6 +64,18 @@ def test_divergence_rule():
     assert Divergence(None, []).problem(1e30, math.inf) is None  # off: only NaN/inf losses stop
 
 
+def test_a_loss_climbing_from_near_zero_is_not_divergence_until_it_passes_the_floor():
+    # a student that starts as a copy of its teacher: KD near 0, then up by large ratios
+    guard = Divergence(DivergenceGuard(factor=100, window=5), [])
+    for value in [1e-7, -1e-8, 5e-8, 2e-4, 5.5e-3, 0.03, 0.2, 0.9]:
+        assert guard.problem(value, 1.0) is None, value
+    event, message = guard.problem(150.0, 1.0)  # a real blow-up from there still stops
+    assert event == "diverged" and "over the floor 1" in message
+    no_floor = Divergence(DivergenceGuard(factor=100, window=5, floor=0), [])
+    assert no_floor.problem(1e-7, 1.0) is None and no_floor.problem(1e-7, 1.0) is None
+    assert no_floor.problem(5.5e-3, 1.0)[0] == "diverged"  # floor 0: the rule as it was
+
+
 def test_warnings_worse_than_it_started_and_at_chance():
     evaluator = Classification()
     evaluator.label_counts = torch.tensor([30, 50, 20])  # the commonest label: 0.5

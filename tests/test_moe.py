@@ -346,3 +346,78 @@ def test_a_block_without_a_known_ffn_is_named_with_its_parts():
     module = HFModule(transformers.DistilBertModel(config), "feature-extraction")
     with pytest.raises(ValueError, match=r"layer 1 \(transformer.layer.1\) has no FFN.*ffn"):
         MoEUpcycle(MoEUpcycleOptions())(module, ModulePassContext("student", None))
+
+
+@pytest.mark.parametrize(
+    "passes",
+    [
+        "  - {name: moe_upcycle, experts: 4, top_k: 2, layers: every_other, init: copy}\n",
+        "  []\n",
+    ],
+    ids=["copy-upcycled", "plain-copy"],
+)
+def test_a_student_equal_to_its_teacher_trains_to_the_end_with_the_guard_on(
+    passes, tmp_path, registry
+):
+    # its KD loss starts near 0 and climbs by large ratios: not divergence
+    folder = save_hf_folder(tmp_path, "llama", _decoder())
+    text = _recipe(folder, tmp_path / "run", passes).replace("steps: 3", "steps: 6")
+    text = text.replace("  - {name: moe_balance, z_loss: 0.001}\n", "")
+    recipe = load_recipe(
+        _write(tmp_path, text.replace("module_passes:\n  []", "module_passes: []"))
+    )
+    assert recipe.train.divergence is not None and recipe.train.divergence.factor == 100
+    summary = run(recipe, registry, progress=False)
+    losses = [r["loss"] for r in summary.report["history"] if "loss" in r]
+    assert summary.report["steps"] == 6 and len(losses) == 6
+    assert abs(losses[0]) < 1e-5 and max(losses[1:]) > 100 * abs(losses[0])  # the climb
+
+
+HF_MOE = {  # Hugging Face's own MoE families, in their sparse (dispatching) form
+    "qwen2_moe": lambda: transformers.Qwen2MoeForCausalLM(
+        transformers.Qwen2MoeConfig(
+            **SIZES,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            mlp_only_layers=[0],
+        )
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(
+        transformers.Qwen3MoeConfig(
+            **SIZES, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8
+        )
+    ),
+    "mixtral": lambda: transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2)
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(HF_MOE))
+def test_a_hugging_face_moe_teacher_and_its_copy_distil_and_export_with_target_both(
+    family, tmp_path, registry
+):
+    torch.manual_seed(0)
+    folder = save_hf_folder(tmp_path, family, HF_MOE[family]().eval())
+    routing = "  - {name: moe_routing, target: both}\n"
+    text = _recipe(folder, tmp_path / "run", routing) + "export:\n  - {name: hf}\n"
+    summary = run(load_recipe(_write(tmp_path, text)), registry, progress=False)
+    notes = summary.report["pass_notes"]
+    for role in ("teacher", "student"):
+        assert any(n.startswith(f"{role}: moe_routing:") for n in notes), notes
+    (export,) = summary.exports
+    assert export.ok and export.details["greedy_tokens_equal"] == "32 of 32", export.details
+
+
+def test_sparse_moe_blocks_left_for_capture_are_located_with_the_fix(tmp_path, registry):
+    folder = save_hf_folder(tmp_path, "qwen2_moe", _tiny_qwen2_moe())
+    routing = "  - {name: moe_routing, target: teacher}\n"  # the copy keeps its sparse blocks
+    recipe = load_recipe(_write(tmp_path, _recipe(folder, tmp_path / "run", routing)))
+    with pytest.raises((RecipeError, RecipeErrors)) as info:
+        build_plan(recipe, registry)
+    text = str(info.value)
+    assert "(student): the student has 3 Hugging Face sparse MoE block(s)" in text
+    assert "Qwen2MoeSparseMoeBlock at model.layers.1.mlp" in text
+    assert "{name: moe_routing, target: both}" in text
