@@ -913,6 +913,7 @@ def rehearse(plan: DistillPlan) -> None:
             terms = plan.loss_terms(x, y, cache, range(n))
         for bound in plan.losses:
             value = terms[bound.label]
+            _check_scalar(plan, bound, value, n)
             if not bool(torch.isfinite(value).all()):
                 raise RecipeError(
                     recipe.locate(bound.part.path),
@@ -928,6 +929,22 @@ def rehearse(plan: DistillPlan) -> None:
         for tensor, saved in buffers:
             tensor.copy_(saved)
         torch.set_rng_state(rng)
+
+
+def _check_scalar(plan: DistillPlan, bound: BoundLoss, value: Any, batch: int) -> None:
+    """A loss gives one number; anything else fails later in backward, naming no loss."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+        return
+    got = (
+        f"a {value.dtype} tensor of shape {list(value.shape)}"
+        if isinstance(value, torch.Tensor)
+        else f"a {type(value).__name__}"
+    )
+    raise RecipeError(
+        plan.recipe.locate(bound.part.path),
+        f"loss {bound.label!r} returned {got} on one training batch of {batch}",
+        "a loss's forward returns a 0-dim floating-point tensor: reduce it (.mean(), .sum())",
+    )
 
 
 def _check_finite_outputs(plan: DistillPlan, part: StepPart, out: Any, batch: int) -> None:

@@ -10,9 +10,10 @@ import pytest
 from conftest import FAST_RECIPE, TINY
 
 from compressor import capture as capture_module
+from compressor.api import LossTerm, NoOptions
 from compressor.cli import main
 from compressor.components import Component
-from compressor.errors import Problem, RecipeErrors
+from compressor.errors import Problem, RecipeError, RecipeErrors
 from compressor.hookspecs import hookimpl
 from compressor.pipeline import run
 from compressor.plan import build_plan
@@ -183,6 +184,30 @@ def test_a_failure_during_a_run_names_the_phase_and_logs_the_traceback(
     assert "training step 5: loss 'boom' failed: RuntimeError: the loss ran out of luck" in err
     assert f"full traceback: {log}" in err and "Traceback" not in err
     assert "the loss ran out of luck" in log.read_text() and "boom.py" in log.read_text()
+
+
+class PerSample(LossTerm[NoOptions]):
+    """Squared error per sample: a loss that forgot to reduce."""
+
+    name = "per_sample"
+
+    def forward(self, inputs):
+        return ((inputs.student["output"] - inputs.teacher["output"]) ** 2).mean(dim=1)
+
+
+class PerSampleLoss:
+    @hookimpl
+    def compressor_losses(self):
+        return [PerSample]
+
+
+def test_a_loss_that_is_not_one_number_is_located_at_the_loss_with_its_shape(write_recipe):
+    path = write_recipe(FAST_RECIPE.replace("losses:\n", "losses:\n  - name: per_sample\n"))
+    with pytest.raises(RecipeError) as caught:
+        build_plan(load_recipe(path), Registry.load(extra=(PerSampleLoss(),)))
+    message = str(caught.value)
+    assert "(losses[0]): loss 'per_sample' returned a torch.float32 tensor of shape [32]" in message
+    assert "returns a 0-dim floating-point tensor" in message
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_can_run_again(write_recipe, tmp_path):
