@@ -28,7 +28,7 @@ from compressor.graph_pass import eliminate_dead_code
 from compressor.hookspecs import hookimpl
 from compressor.loading import Inputs, batch_size, call_model, to_device
 from compressor.plugins.hf import LOGIT_IDS, TASKS, VOCAB_MAP, HFModule
-from compressor.plugins.hf_moe import checkpoint_model, export_safe_moe
+from compressor.plugins.hf_moe import checkpoint_model, export_safe_moe, saved_model_type
 from compressor.plugins.onnx_export import (
     ONNXExporter,
     export_onnx,
@@ -48,6 +48,8 @@ class HFExporter(ONNXExporter):
 
     def check(self, module: nn.Module, device: torch.device) -> None:
         _require_hf_module(self.name, module)
+        if isinstance(module, HFModule) and module.task == "causal-lm":
+            _require_optimum_decoder(module)
 
     def export(
         self,
@@ -79,7 +81,7 @@ class HFExporter(ONNXExporter):
             kept = len(module.kept_token_ids or [])
             details["vocabulary"] = f"{kept:,} of the teacher's {own.numel():,} tokens"
         if module.task == "causal-lm":
-            diff = self._causal_lm(folder, plain, folder_inputs, details)
+            diff = self._causal_lm(module, folder, plain, folder_inputs, details)
         else:
             details["inputs"] = export_onnx(plain, example_inputs, path, self.options.opset)
             diff = verify_onnx(plain, path, folder_inputs)
@@ -97,6 +99,7 @@ class HFExporter(ONNXExporter):
 
     def _causal_lm(
         self,
+        module: HFModule,
         folder: Path,
         graph: fx.GraphModule,
         verify_inputs: list[tuple[Inputs, ...]],
@@ -105,20 +108,19 @@ class HFExporter(ONNXExporter):
         """optimum's exporter writes the decoder with past key values from the saved model;
         the check loads the folder as a user does (ORTModelForCausalLM with its defaults) and
         compares with the student graph: logits of whole sequences, and the logits of cached
-        generation steps against recomputing the whole prefix."""
-        from optimum.exporters.onnx import main_export
-        from optimum.onnxruntime import ORTModelForCausalLM
-
-        with _quiet_optimum(), export_safe_moe():
-            main_export(
-                str(folder),
-                output=str(folder),
-                task="text-generation-with-past",
-                opset=self.options.opset,
-                local_files_only=True,
-                do_validation=False,
+        generation steps against recomputing the whole prefix. A grouped-query model whose
+        family optimum's loader sizes by attention heads is saved again with a key/value head
+        per query head, so the folder works where users load it."""
+        model = self._optimum_decoder(folder)
+        saved = _kv_heads(module.hf_model)
+        if getattr(model, "num_key_value_heads", saved) != saved:
+            details["key_value_heads"] = (
+                f"{saved} repeated to {model.num_key_value_heads}: optimum's "
+                f"ORTModelForCausalLM sizes a {module.hf_model.config.model_type} cache by its "
+                "attention heads"
             )
-            model = ORTModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+            _write_hf_files(module, folder, repeat_kv_heads=True)
+            model = self._optimum_decoder(folder)
         details["inputs"] = [i.name for i in model.session.get_inputs()]
         details["optimum"] = "loaded with optimum.onnxruntime.ORTModelForCausalLM (defaults)"
         diffs = []
@@ -136,6 +138,23 @@ class HFExporter(ONNXExporter):
         details["greedy_tokens_equal"] = f"{agreed} of {GREEDY_TOKENS}"
         return max(*diffs, cached)
 
+    def _optimum_decoder(self, folder: Path) -> Any:
+        """The folder's decoder with past key values, written by optimum's exporter from the
+        saved model and loaded as a user does."""
+        from optimum.exporters.onnx import main_export
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        with _quiet_optimum(), export_safe_moe():
+            main_export(
+                str(folder),
+                output=str(folder),
+                task="text-generation-with-past",
+                opset=self.options.opset,
+                local_files_only=True,
+                do_validation=False,
+            )
+            return ORTModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+
     def runner(self, path: Path) -> Runner | None:
         """A decoder with a cache runs on its prompt (an empty cache)."""
         session = ort_session(path)
@@ -150,7 +169,8 @@ class HFExporter(ONNXExporter):
             assert isinstance(x, dict)
             feeds = {k: v.cpu().numpy() for k, v in x.items() if k in names}
             mask = x["attention_mask"]
-            feeds["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).numpy()
+            if "position_ids" in names:  # some families' decoders take none (Gemma-2)
+                feeds["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).numpy()
             for i in caches:
                 heads, width = i.shape[1], i.shape[3]
                 feeds[i.name] = np.zeros((mask.shape[0], heads, 0, width), np.float32)
@@ -279,6 +299,30 @@ class HFInt8Exporter(ONNXInt8Exporter):
         return folder_runner(path)
 
 
+def _kv_heads(model: Any) -> int:
+    """A Hugging Face model's key/value heads (as its checkpoint saves them)."""
+    config = model.config
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
+def _require_optimum_decoder(module: HFModule) -> None:
+    """optimum's exporter writes the cached decoder only for the families it configures: a
+    family it does not know is refused before training, not after."""
+    import optimum.exporters.onnx  # noqa: F401  (registers its configurations)
+    from optimum.exporters.tasks import TasksManager
+
+    saved = saved_model_type(module.hf_model)
+    task = "text-generation-with-past"
+    with export_safe_moe():
+        known = TasksManager.get_supported_model_type_for_task(task, exporter="onnx")
+    if saved.replace("_", "-") not in known and saved not in known:
+        raise ValueError(
+            f"exporter 'hf' writes a causal LM's decoder with a cache through optimum-onnx, "
+            f"which has no ONNX configuration for {saved!r}; families it knows: "
+            f"{', '.join(sorted(known))}. Export this student with exporter 'onnx' (no cache)"
+        )
+
+
 def _require_hf_module(exporter: str, module: nn.Module) -> None:
     if not isinstance(module, HFModule):
         raise ValueError(
@@ -287,11 +331,12 @@ def _require_hf_module(exporter: str, module: nn.Module) -> None:
         )
 
 
-def _write_hf_files(module: HFModule, folder: Path) -> None:
+def _write_hf_files(module: HFModule, folder: Path, repeat_kv_heads: bool = False) -> None:
     """config.json, the weights and the tokenizer: what makes a folder a model folder (an
-    upcycled student's in the Qwen2-MoE layout; a pruned vocabulary's kept teacher ids)."""
+    upcycled student's in the Qwen2-MoE layout; a pruned vocabulary's kept teacher ids);
+    `repeat_kv_heads`: a key/value head per query head (`checkpoint_model`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model = checkpoint_model(module.hf_model, for_optimum=module.task == "causal-lm")
+    model = checkpoint_model(module.hf_model, repeat_kv_heads)
     model.save_pretrained(str(folder), safe_serialization=True)
     if module.tokenizer is not None:
         module.tokenizer.save_pretrained(str(folder))

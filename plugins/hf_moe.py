@@ -33,29 +33,32 @@ EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # what a Qwen2-MoE model has that a student may lack, filled so that it adds nothing
 FILLED = (".self_attn.q_proj.bias", ".self_attn.k_proj.bias", ".self_attn.v_proj.bias")
 KEPT_LAYOUTS = ("qwen2_moe", "qwen3_moe", "mixtral")  # already MoE models: saved as they are
-# optimum-onnx sizes a cache by num_key_value_heads only for the families it lists
-GQA_UNKNOWN_TO_OPTIMUM = ("qwen2_moe", "mixtral")
+# MoE families optimum-onnx's exporter has no configuration for: registered while it exports
+UNKNOWN_TO_OPTIMUM_EXPORT = ("qwen2_moe", "mixtral")
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     return [m for m in model.modules() if isinstance(m, MoEBlock)]
 
 
-def checkpoint_model(model: Any, for_optimum: bool = False) -> Any:
+def saved_model_type(model: Any) -> str:
+    """The `model_type` `checkpoint_model` saves `model` as."""
+    if moe_blocks(model) and model.config.model_type not in KEPT_LAYOUTS:
+        return "qwen2_moe"
+    return str(model.config.model_type)
+
+
+def checkpoint_model(model: Any, repeat_kv_heads: bool = False) -> Any:
     """The model to save for a Hugging Face `model`: itself, or for a dense decoder with
-    upcycled FFNs the Qwen2-MoE model with the same outputs. `for_optimum`: with a key and
-    value head per query head, because optimum's ORTModelForCausalLM sizes the cache of a
-    qwen2_moe model by its attention heads (it knows grouped-query attention only for the
-    families it lists)."""
+    upcycled FFNs the Qwen2-MoE model with the same outputs. `repeat_kv_heads`: with a key
+    and value head per query head (the same outputs, a larger cache), for a loader that
+    sizes the cache of this family by its attention heads (optimum's ORTModelForCausalLM
+    knows grouped-query attention only for the families it lists)."""
     config = model.config
-    if moe_blocks(model) and config.model_type not in KEPT_LAYOUTS:
-        return as_qwen2_moe(model, one_kv_head_per_query=for_optimum)
+    if saved_model_type(model) != config.model_type:
+        return as_qwen2_moe(model, one_kv_head_per_query=repeat_kv_heads)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    if (
-        for_optimum
-        and config.model_type in GQA_UNKNOWN_TO_OPTIMUM
-        and kv_heads != config.num_attention_heads
-    ):
+    if repeat_kv_heads and kv_heads != config.num_attention_heads:
         return _one_kv_head_per_query_model(model)
     return model
 
@@ -65,16 +68,18 @@ def _one_kv_head_per_query_model(model: Any) -> Any:
     config = copy.deepcopy(model.config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    state = _one_kv_head_per_query(
-        model.state_dict(), heads // config.num_key_value_heads, head_dim
-    )
+    kv_heads = config.num_key_value_heads
     config.num_key_value_heads = heads
     weight = model.lm_head.weight
     expanded = type(model)(config).to(weight.device, weight.dtype)
+    where = f"repeating the key/value heads of {config.model_type}"
+    state = _one_kv_head_per_query(
+        model.state_dict(), expanded.state_dict(), (heads, kv_heads, head_dim), where
+    )
     expanded.load_state_dict(state)
     expanded.tie_weights()
     expanded.eval()
-    _check_same_outputs(model, expanded, f"repeating the key/value heads of {config.model_type}")
+    _check_same_outputs(model, expanded, where)
     return expanded
 
 
@@ -110,9 +115,7 @@ def as_qwen2_moe(model: Any, one_kv_head_per_query: bool = False) -> Any:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     state = model.state_dict()
-    if one_kv_head_per_query and kv_heads != heads:
-        state = _one_kv_head_per_query(state, heads // kv_heads, head_dim)
-        kv_heads = heads
+    repeat_kv = one_kv_head_per_query and kv_heads != heads
     window = getattr(config, "sliding_window", None)
     use_window = window is not None and getattr(config, "use_sliding_window", True)
     moe_config = transformers.Qwen2MoeConfig(
@@ -121,7 +124,7 @@ def as_qwen2_moe(model: Any, one_kv_head_per_query: bool = False) -> Any:
         intermediate_size=getattr(config, "intermediate_size", width),
         num_hidden_layers=len(layers),
         num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
+        num_key_value_heads=heads if repeat_kv else kv_heads,
         head_dim=head_dim,
         hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings,
@@ -147,6 +150,10 @@ def as_qwen2_moe(model: Any, one_kv_head_per_query: bool = False) -> Any:
     )
     weight = model.lm_head.weight
     converted = transformers.Qwen2MoeForCausalLM(moe_config).to(weight.device, weight.dtype)
+    if repeat_kv:
+        state = _one_kv_head_per_query(
+            state, converted.state_dict(), (heads, kv_heads, head_dim), where
+        )
     try:
         missing, unexpected = converted.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a parameter of another shape
@@ -175,16 +182,42 @@ def as_qwen2_moe(model: Any, one_kv_head_per_query: bool = False) -> Any:
 
 
 def _one_kv_head_per_query(
-    state: dict[str, torch.Tensor], repeat: int, head_dim: int
+    state: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    heads: tuple[int, int, int],
+    where: str,
 ) -> dict[str, torch.Tensor]:
-    """k/v projections with each key/value head repeated for the `repeat` query heads it
-    serves (transformers' repeat_kv order: query head h reads kv head h // repeat)."""
+    """`state` reshaped to `target`'s shapes by repeating each key/value head for the query
+    heads it serves (transformers' repeat_kv order: query head h reads kv head h // repeat).
+    `heads`: (query heads, key/value heads, head size). Found by shape, so it covers separate
+    k/v projections, norms over all key heads (OLMo-2's k_norm) and fused q/k/v projections
+    (Phi-3's qkv_proj: query rows, then key rows, then value rows)."""
+    query, kv, size = heads
+    repeat = query // kv
     out = dict(state)
     for key, value in state.items():
-        if key.endswith((".k_proj.weight", ".v_proj.weight", ".k_proj.bias", ".v_proj.bias")):
-            heads = value.reshape(-1, head_dim, *value.shape[1:])
-            out[key] = heads.repeat_interleave(repeat, dim=0).reshape(-1, *value.shape[1:])
+        want = target[key].shape if key in target else value.shape
+        if value.shape == want:
+            continue
+        if value.shape[0] == (query + 2 * kv) * size and want[0] == 3 * query * size:
+            q, k, v = value.split([query * size, kv * size, kv * size])
+            out[key] = torch.cat(
+                [q, _repeat_heads(k, repeat, size), _repeat_heads(v, repeat, size)]
+            )
+        elif value.shape[0] * repeat == want[0] and value.shape[0] % size == 0:
+            out[key] = _repeat_heads(value, repeat, size)
+        else:
+            raise ExportError(
+                f"{where}: {key} is {list(value.shape)}, and no key/value-head layout makes it "
+                f"{list(want)}"
+            )
     return out
+
+
+def _repeat_heads(value: torch.Tensor, repeat: int, size: int) -> torch.Tensor:
+    """Rows of heads of `size`, each head repeated `repeat` times in place."""
+    heads = value.reshape(-1, size, *value.shape[1:])
+    return heads.repeat_interleave(repeat, dim=0).reshape(-1, *value.shape[1:])
 
 
 def _block_shape(block: MoEBlock, where: str, label: str) -> tuple[int, int, bool, int, int]:
@@ -252,7 +285,7 @@ def export_safe_moe() -> Iterator[None]:
         NORMALIZED_CONFIG_CLASS = NormalizedTextConfigWithGQA
 
     register = TasksManager.create_register("onnx")
-    for family in GQA_UNKNOWN_TO_OPTIMUM:
+    for family in UNKNOWN_TO_OPTIMUM_EXPORT:
         if family not in TasksManager._SUPPORTED_MODEL_TYPE:
             register(family, "text-generation", "text-generation-with-past")(MoEDecoderOnnxConfig)
 

@@ -33,14 +33,15 @@ BLOCKS = {
 
 
 _save = save_hf_folder
+SIZES = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4)
+LLAMA_LIKE = dict(vocab_size=30522, intermediate_size=64, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("decoders")
     torch.manual_seed(0)
-    sizes = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4)
-    llama_like = dict(vocab_size=30522, intermediate_size=64, max_position_embeddings=128)
+    sizes, llama_like = SIZES, LLAMA_LIKE
     return {
         "gpt2": _save(
             root,
@@ -69,6 +70,26 @@ def decoders(tmp_path_factory) -> dict[str, Path]:
             root,
             "gpt_neox",
             transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**sizes, **llama_like)),
+        ),
+        # grouped-query families whose cache optimum's loader sizes by attention heads:
+        # Phi-3 fuses q/k/v in one projection, OLMo-2 normalises all key heads together
+        "phi3": _save(
+            root,
+            "phi3",
+            transformers.Phi3ForCausalLM(
+                transformers.Phi3Config(
+                    **sizes, **llama_like, num_key_value_heads=2, pad_token_id=0
+                )
+            ),
+        ),
+        "olmo2": _save(
+            root,
+            "olmo2",
+            transformers.Olmo2ForCausalLM(
+                transformers.Olmo2Config(
+                    **sizes, **llama_like, num_key_value_heads=2, pad_token_id=0
+                )
+            ),
         ),
     }
 
@@ -148,6 +169,47 @@ def test_taps_inside_a_decoder_train_evaluate_and_export_with_a_cache(
             **prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0
         )
     assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("family", ["phi3", "olmo2"])
+def test_a_grouped_query_decoder_optimum_sizes_by_attention_heads_exports_and_generates_alike(
+    family, decoders, tmp_path, registry
+):
+    losses = "  - {name: kd, temperature: 1.0}\n"
+    text = _recipe(decoders[family], "llama", tmp_path / "run", losses)
+    summary = run(load_recipe(_write(tmp_path, text)), registry, progress=False)
+    (export,) = summary.exports
+    assert export.ok, export.details
+    assert export.details["key_value_heads"].startswith("2 repeated to 4: optimum's")
+    assert export.details["greedy_tokens_equal"] == "32 of 32"
+    folder = Path(export.details["folder"])
+    assert json.loads((folder / "config.json").read_text())["num_key_value_heads"] == 4
+
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = ORTModelForCausalLM.from_pretrained(folder)
+    ids = torch.randint(5, 30000, (1, 7), generator=torch.Generator().manual_seed(0))
+    prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    student = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        again = student.generate(
+            **prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0
+        )
+    assert torch.equal(out, again)
+
+
+def test_a_decoder_family_optimum_cannot_export_is_refused_before_training(tmp_path, registry):
+    torch.manual_seed(0)
+    config = transformers.Starcoder2Config(**SIZES, **LLAMA_LIKE, num_key_value_heads=2)
+    folder = _save(tmp_path, "starcoder2", transformers.Starcoder2ForCausalLM(config))
+    text = _recipe(folder, "llama", tmp_path / "run", "  - {name: kd}\n")
+    with pytest.raises(RecipeError) as info:
+        build_plan(load_recipe(_write(tmp_path, text)), registry)
+    message = str(info.value)
+    assert "(export[0].name): exporter 'hf' writes a causal LM's decoder" in message
+    assert "no ONNX configuration for 'starcoder2'" in message and "exporter 'onnx'" in message
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_truncated_decoder_teacher_runs_only_to_the_tapped_block(decoders, tmp_path, registry):
