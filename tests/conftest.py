@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,6 +53,19 @@ train:
 report:
   latency_repeats: 2
 """
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_plugins_only() -> Iterator[None]:
+    """The suite sees compressor's own plugins, whatever else is installed beside it: tests
+    that load a third-party plugin turn autoloading back on themselves."""
+    before = os.environ.get(AUTOLOAD_ENV)
+    os.environ[AUTOLOAD_ENV] = "1"
+    yield
+    if before is None:
+        os.environ.pop(AUTOLOAD_ENV, None)
+    else:
+        os.environ[AUTOLOAD_ENV] = before
 
 
 @pytest.fixture(scope="session")
@@ -133,10 +146,11 @@ def run_compress(
     cwd: Path | None = None,
     path: tuple[Path, ...] = (),
     env: dict[str, str] | None = None,
-    autoload: bool = True,
+    autoload: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """`python -m compressor ARGS` in a fresh process, with `path` first on PYTHONPATH,
-    plugin autoloading on unless `autoload` is False, and `env` set on top."""
+    plugin autoloading off unless `autoload` (compressor's own plugins and `-p` load either
+    way), and `env` set on top."""
     environ = {**os.environ, **(env or {})}
     environ["PYTHONPATH"] = os.pathsep.join([*map(str, path), os.environ.get("PYTHONPATH", "")])
     environ.pop(AUTOLOAD_ENV, None)

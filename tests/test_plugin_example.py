@@ -46,7 +46,7 @@ def site(tmp_path_factory) -> Path:
 
 
 def _compress(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_compress(*args, cwd=cwd, path=(site,))
+    return run_compress(*args, cwd=cwd, path=(site,), autoload=True)
 
 
 def _digits_csv(path: Path) -> Path:

@@ -142,6 +142,7 @@ BROKEN = {
 
 @pytest.mark.parametrize("module", sorted(BROKEN))
 def test_a_broken_plugin_is_named_with_its_hook_and_can_be_disabled(module, tmp_path, monkeypatch):
+    monkeypatch.delenv(AUTOLOAD_ENV)  # a user's default: every installed plugin loads
     source, expected = BROKEN[module]
     _fake_distribution(tmp_path, "broken", {module: source})
     monkeypatch.syspath_prepend(str(tmp_path))
