@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_plugins(registry))
             return 0
         if args.command == "bench":
-            from compressor.bench_deploy import bench
+            from compressor.bench.deploy import bench
 
             out, text = bench(
                 args.target,

@@ -90,11 +90,13 @@ class Exporter(Component[OptionsT]):
         for exporters that also write its configuration (Hugging Face folders)."""
         raise NotImplementedError
 
-    def runner(self, path: Path) -> Runner | None:
+    def runner(self, path: Path, providers: list[str] | None = None) -> Runner | None:
         """The artifact at `path` loaded to run here: a function that runs it once on the
         given inputs (the data's, as PyTorch gets them), returning when its outputs are
-        ready; None when it cannot run here. The report times every model's runner in
-        interleaved rounds, so each is measured under the same machine load."""
+        ready; None when it cannot run here. `providers`: onnxruntime's execution providers
+        to run an ONNX artifact on (`compress bench` times each); None: the exporter's
+        choice. The report times every model's runner in interleaved rounds, so each is
+        measured under the same machine load."""
         return None
 
     def generation_rate(self, path: Path, prompt: Inputs, new_tokens: int) -> float | None:

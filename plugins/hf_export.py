@@ -155,12 +155,12 @@ class HFExporter(ONNXExporter):
             )
             return ORTModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
 
-    def runner(self, path: Path) -> Runner | None:
+    def runner(self, path: Path, providers: list[str] | None = None) -> Runner | None:
         """A decoder with a cache runs on its prompt (an empty cache)."""
-        session = ort_session(path)
+        session = ort_session(path, providers)
         names = [i.name for i in session.get_inputs()]
         if not any(n.startswith("past_key_values") for n in names):
-            return folder_runner(path)
+            return folder_runner(path, providers)
         caches = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
         to_folder = folder_ids(path.parent)
 
@@ -295,8 +295,8 @@ class HFInt8Exporter(ONNXInt8Exporter):
         result.details |= {"folder": str(folder), "optimum": how}
         return result
 
-    def runner(self, path: Path) -> Runner | None:
-        return folder_runner(path)
+    def runner(self, path: Path, providers: list[str] | None = None) -> Runner | None:
+        return folder_runner(path, providers)
 
 
 def _kv_heads(model: Any) -> int:
@@ -368,11 +368,11 @@ def own_inputs(
     )
 
 
-def folder_runner(path: Path) -> Runner:
+def folder_runner(path: Path, providers: list[str] | None = None) -> Runner:
     """The ONNX file in a Hugging Face folder, run on inputs in the teacher's token ids (a
-    pruned vocabulary's folder gets them in its own)."""
+    pruned vocabulary's folder gets them in its own), on onnxruntime's `providers`."""
     to_folder = folder_ids(path.parent)
-    run = ort_runner(path)
+    run = ort_runner(path, providers)
     return lambda inputs: run(to_folder(inputs))
 
 

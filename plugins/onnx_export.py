@@ -52,8 +52,8 @@ class ONNXExporter(Exporter[ONNXOptions]):
         }
         return ExportResult(self.name, path, diff, self.options.tolerance, details)
 
-    def runner(self, path: Path) -> Runner | None:
-        return ort_runner(path)
+    def runner(self, path: Path, providers: list[str] | None = None) -> Runner | None:
+        return ort_runner(path, providers)
 
 
 def ort_runner(path: Path, providers: list[str] | None = None) -> Runner:

@@ -118,8 +118,8 @@ class ONNXInt8Exporter(Exporter[Int8Options]):
             self.name, path, diff, float("inf"), details, drop=drop, max_drop=o.max_drop
         )
 
-    def runner(self, path: Path) -> Runner | None:
-        return ort_runner(path)
+    def runner(self, path: Path, providers: list[str] | None = None) -> Runner | None:
+        return ort_runner(path, providers)
 
     def _calibration(
         self, graph: fx.GraphModule, own_ids: torch.Tensor | None

@@ -220,7 +220,7 @@ def test_engine_bench_interleaves_the_hand_loop_step_by_step(capsys):
     """The benchmark's two students see the same batches and maths (weights equal with the
     loop's optimizer kernel), and the loop's steps run inside the engine's run without being
     counted as the engine's."""
-    from compressor.bench_engine import bench_engine
+    from compressor.bench.engine import bench_engine
 
     ratio = bench_engine(steps=12, rounds=2, fused=False)
     out = capsys.readouterr().out

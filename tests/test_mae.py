@@ -177,7 +177,7 @@ def test_mae_recipe_distils_on_visible_tokens_and_exports_the_plain_student(
 def test_partial_execution_cuts_teacher_flops_to_a_third(capsys):
     """FLOPs are counted, not timed: (c) must be at most 35% of (a). Time ratios live in the
     benchmark output only."""
-    from compressor.bench import bench_partial
+    from compressor.bench.partial import bench_partial
 
     rows = list(
         bench_partial(f"{DIGITS}/models.py:vit_teacher", "blocks.3", 0.75, batch=8, reps=1).values()

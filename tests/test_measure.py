@@ -65,7 +65,7 @@ def test_an_artifact_that_fails_to_run_is_named():
 def test_a_bench_burst_follows_untimed_calls_of_its_own():
     """`compress bench` times bursts of one candidate after another's: each burst starts
     after WARM_SECONDS of untimed calls of its own (at least one)."""
-    from compressor.bench_deploy import _time_calls
+    from compressor.bench.deploy import _time_calls
 
     calls: list[str] = []
     times = _time_calls(lambda x: calls.append("c") or time.sleep(0.004), None, 3, 1.0)

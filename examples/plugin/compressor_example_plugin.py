@@ -223,8 +223,8 @@ class TorchScript(Exporter[TorchScriptOptions]):
             )
         return ExportResult(self.name, path, diff, self.options.tolerance)
 
-    def runner(self, path: Path) -> Runner | None:
-        loaded = torch.jit.load(str(path))
+    def runner(self, path: Path, providers: list[str] | None = None) -> Runner | None:
+        loaded = torch.jit.load(str(path))  # TorchScript runs in PyTorch: no providers
 
         def run(inputs: tuple[Inputs, ...]) -> object:
             with torch.no_grad():

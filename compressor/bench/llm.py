@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compressor.bench import _rss, measure_in_subprocess
+from compressor.bench.common import HONEST_MALLOC, measure_in_subprocess, reset_rss_peak, rss
 
 VARIANTS = ("naive", "unfused", "fused", "cached")
 RECIPE = """\
@@ -87,13 +87,13 @@ def measure(variant: str, reps: int) -> dict[str, Any]:
 
     step()  # warm-up; with the cache, the step that fills it
     assert cache is None or plan.teacher_from_cache is False
-    Path("/proc/self/clear_refs").write_text("5")  # reset the resident high-water mark
-    base = _rss("VmRSS")
+    reset_rss_peak()
+    base = rss("VmRSS")
     times = [step() for _ in range(reps)]
     assert cache is None or plan.teacher_from_cache
     return {
         "seconds": statistics.median(times),
-        "peak_extra_bytes": max(0, _rss("VmHWM") - base),
+        "peak_extra_bytes": max(0, rss("VmHWM") - base),
         "tokens": int(x["input_ids"].numel()) if isinstance(x, dict) else None,
     }
 
@@ -109,10 +109,7 @@ def bench_llm(reps: int = 3) -> None:
     rows: dict[str, dict[str, Any]] = {}
     for variant in VARIANTS:
         timing = measure_in_subprocess(["_measure_llm", variant, str(reps)], {})
-        memory = measure_in_subprocess(
-            ["_measure_llm", variant, "1"],
-            {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"},
-        )
+        memory = measure_in_subprocess(["_measure_llm", variant, "1"], HONEST_MALLOC)
         if "error" in timing or "error" in memory:
             print(f"{variant:<10} failed: {timing.get('error') or memory.get('error')}")
             continue

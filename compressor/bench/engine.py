@@ -34,8 +34,8 @@ from torch import nn
 RECIPE = """\
 name: bench-engine
 seed: 0
-teacher: {model: "compressor.bench_engine:cnn_teacher"}
-student: {model: "compressor.bench_engine:mlp_student"}
+teacher: {model: "compressor.bench.engine:cnn_teacher"}
+student: {model: "compressor.bench.engine:mlp_student"}
 data:
   loader: digits
   batch_size: 64

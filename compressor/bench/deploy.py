@@ -1,5 +1,7 @@
 """`compress bench RUN_DIR_OR_RECIPE`: latency of teacher and student, of every artifact the
-run exported, on every backend available here, side by side.
+run exported, on every backend available here, side by side. An artifact is loaded by the
+exporter that wrote it (`Exporter.runner`, reached through the plan's registry-built
+exporters), so the core needs no exporter plugin's internals.
 
 Each candidate (model x artifact x backend) is loaded once (its build time and resident
 memory growth recorded), warmed up, then timed in interleaved rounds: round r times every
@@ -24,6 +26,7 @@ import torch
 from safetensors.torch import load_model
 
 from compressor.errors import CompressorError
+from compressor.export import Exporter
 from compressor.loading import Inputs, to_device
 from compressor.measure import latency_inputs, torch_runner, warm
 from compressor.pipeline import recorded_overrides
@@ -71,6 +74,7 @@ def candidates(plan: DistillPlan, report: dict[str, Any]) -> tuple[list[Candidat
     skipped: list[str] = []
     graphs = {"teacher": plan.teacher_eval_graph, "student": plan.student_eval_graph}
     device = plan.device
+    exporters = {bound.label: bound.exporter for bound in plan.exporters}
     available = _providers()
     for role in ("teacher", "student"):
         graph = graphs[role]
@@ -83,12 +87,16 @@ def candidates(plan: DistillPlan, report: dict[str, Any]) -> tuple[list[Candidat
             path = Path(entry["path"])
             if path.suffix != ".onnx" or not path.is_file():
                 continue
+            if label not in exporters:
+                skipped.append(f"{role} {label}: the recipe has no export entry {label!r} now")
+                continue
             for backend, provider in (
                 ("onnxruntime-cpu", "CPUExecutionProvider"),
                 ("onnxruntime-cuda", "CUDAExecutionProvider"),
             ):
                 if provider in available:
-                    out.append(Candidate(role, label, backend, _ort_runner(path, provider)))
+                    run = _artifact_runner(exporters[label], path, provider)
+                    out.append(Candidate(role, label, backend, run))
                 else:
                     skipped.append(
                         f"{role} {label} [{backend}]: onnxruntime has no {provider} here"
@@ -114,15 +122,18 @@ def _torch_runner(
     return load
 
 
-def _ort_runner(path: Path, provider: str) -> Callable[[], Callable[[Inputs], Any]]:
-    def load() -> Callable[[Inputs], Any]:
-        from compressor.plugins.hf_export import folder_ids
-        from compressor.plugins.onnx_export import ort_runner
+def _artifact_runner(
+    exporter: Exporter[Any], path: Path, provider: str
+) -> Callable[[], Callable[[Inputs], Any]]:
+    """The artifact loaded on onnxruntime's `provider` by the exporter that wrote it
+    (`Exporter.runner`): a Hugging Face folder with a pruned vocabulary reads the data's
+    token ids in its own."""
 
-        # a pruned student's folder reads its own token ids, the data are the teacher's
-        to_folder = folder_ids(path.parent)
-        run = ort_runner(path, [provider])
-        return lambda x: run(to_folder((x,)))
+    def load() -> Callable[[Inputs], Any]:
+        run = exporter.runner(path, [provider])
+        if run is None:
+            raise CompressorError(f"exporter {exporter.name!r} cannot run {path} here")
+        return lambda x: run((x,))
 
     return load
 

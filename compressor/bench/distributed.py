@@ -21,13 +21,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from compressor.bench import _rss
+from compressor.bench.common import HONEST_MALLOC, reset_rss_peak, rss
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MINILM = ROOT / "examples" / "minilm" / "recipe.yaml"
 SMOLLM2 = ROOT / "examples" / "smollm2" / "recipe.yaml"
-# glibc returns freed blocks at once, so the resident set shows what is held
-HONEST_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 MEMORY_OVERRIDES = [
     "teacher_cache=null",
     "data.kwargs.source=prose",
@@ -74,12 +72,12 @@ def memory_worker(strategy: str) -> dict[str, Any]:
         distributed._local(p).numel() * p.element_size() for p in plan.teacher_graph.parameters()
     )
     gc.collect()
-    wrapped = _rss("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark of the step alone
+    wrapped = rss("VmRSS")
+    reset_rss_peak()  # the high-water mark of the step alone
     indices = world.slice(torch.arange(recipe.data.batch_size))
     x, y = plan.data.batch("train", indices, plan.device)
     backward(list(parallel.terms(x, y, None, indices.tolist()).values()), plan.loss_seeds())
-    row = {"teacher_bytes": held, "wrapped_rss": wrapped, "step_peak_rss": _rss("VmHWM")}
+    row = {"teacher_bytes": held, "wrapped_rss": wrapped, "step_peak_rss": rss("VmHWM")}
     rows = world.gather(row)
     distributed.leave()
     return {"ranks": rows}
