@@ -2,31 +2,37 @@
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import pluggy
 from pydantic import ValidationError
 
 from compressor.components import Component
 from compressor.errors import PluginError, RecipeError, RecipeErrors
+from compressor.evaluate import Evaluator
+from compressor.export import Exporter
+from compressor.graph_pass import GraphPass
+from compressor.loading import DataLoader, ModelLoader
+from compressor.losses import LossTerm
+from compressor.module_pass import ModulePass
+from compressor.optim import OptimizerFactory, ScheduleFactory
 from compressor.plugin_manager import PluginInfo, make_plugin_manager
-from compressor.recipe import did_you_mean, validation_errors
+from compressor.recipe import StagePreset, did_you_mean, validation_errors
 from compressor.yaml_positions import KeyPath, SourceMap
 
 # kind -> (provider hook, base class every provided component must subclass)
-KINDS: dict[str, tuple[str, str]] = {
-    "model_loader": ("compressor_model_loaders", "compressor.loading:ModelLoader"),
-    "data_loader": ("compressor_data_loaders", "compressor.loading:DataLoader"),
-    "module_pass": ("compressor_module_passes", "compressor.module_pass:ModulePass"),
-    "graph_pass": ("compressor_graph_passes", "compressor.graph_pass:GraphPass"),
-    "loss": ("compressor_losses", "compressor.losses:LossTerm"),
-    "optimizer": ("compressor_optimizers", "compressor.optim:OptimizerFactory"),
-    "schedule": ("compressor_schedules", "compressor.optim:ScheduleFactory"),
-    "evaluator": ("compressor_evaluators", "compressor.evaluate:Evaluator"),
-    "exporter": ("compressor_exporters", "compressor.export:Exporter"),
-    "stage_preset": ("compressor_stage_presets", "compressor.recipe:StagePreset"),
+KINDS: dict[str, tuple[str, type[Component[Any]]]] = {
+    "model_loader": ("compressor_model_loaders", ModelLoader),
+    "data_loader": ("compressor_data_loaders", DataLoader),
+    "module_pass": ("compressor_module_passes", ModulePass),
+    "graph_pass": ("compressor_graph_passes", GraphPass),
+    "loss": ("compressor_losses", LossTerm),
+    "optimizer": ("compressor_optimizers", OptimizerFactory),
+    "schedule": ("compressor_schedules", ScheduleFactory),
+    "evaluator": ("compressor_evaluators", Evaluator),
+    "exporter": ("compressor_exporters", Exporter),
+    "stage_preset": ("compressor_stage_presets", StagePreset),
 }
 
 
@@ -43,9 +49,7 @@ class Registry:
         self.pm = pm
         self.plugins = plugins
         self.components: dict[str, dict[str, Provided]] = {kind: {} for kind in KINDS}
-        for kind, (hook_name, base_path) in KINDS.items():
-            module_name, _, attr = base_path.partition(":")
-            base: type[Component] = getattr(importlib.import_module(module_name), attr)
+        for kind, (hook_name, base) in KINDS.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 try:
                     provided = impl.function() or []
@@ -66,7 +70,7 @@ class Registry:
     ) -> Registry:
         return cls(*make_plugin_manager(disabled, enabled, extra))
 
-    def _add(self, kind: str, hook: str, base: type[Component], cls: Any, plugin: str) -> None:
+    def _add(self, kind: str, hook: str, base: type[Component[Any]], cls: Any, plugin: str) -> None:
         where = f"plugin {plugin!r}, hook {hook}"
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise PluginError(f"{where}: returned {cls!r}, which is not a {base.__name__} subclass")
@@ -102,6 +106,127 @@ class Registry:
             raise PluginError(f"{problem}; registered: {allowed}")
         raise RecipeError(source.locate(path), problem, allowed)
 
+    @overload
+    def create(
+        self,
+        kind: Literal["model_loader"],
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = ...,
+        path: KeyPath = ...,
+        name_path: KeyPath | None = ...,
+    ) -> ModelLoader[Any]: ...
+
+    @overload
+    def create(
+        self,
+        kind: Literal["data_loader"],
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = ...,
+        path: KeyPath = ...,
+        name_path: KeyPath | None = ...,
+    ) -> DataLoader[Any]: ...
+
+    @overload
+    def create(
+        self,
+        kind: Literal["module_pass"],
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = ...,
+        path: KeyPath = ...,
+        name_path: KeyPath | None = ...,
+    ) -> ModulePass[Any]: ...
+
+    @overload
+    def create(
+        self,
+        kind: Literal["graph_pass"],
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = ...,
+        path: KeyPath = ...,
+        name_path: KeyPath | None = ...,
+    ) -> GraphPass[Any]: ...
+
+    @overload
+    def create(
+        self,
+        kind: Literal["loss"],
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = ...,
+        path: KeyPath = ...,
+        name_path: KeyPath | None = ...,
+    ) -> LossTerm[Any]: ...
+
+    @overload
+    def create(
+        self,
+        kind: Literal["optimizer"],
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = ...,
+        path: KeyPath = ...,
+        name_path: KeyPath | None = ...,
+    ) -> OptimizerFactory[Any]: ...
+
+    @overload
+    def create(
+        self,
+        kind: Literal["schedule"],
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = ...,
+        path: KeyPath = ...,
+        name_path: KeyPath | None = ...,
+    ) -> ScheduleFactory[Any]: ...
+
+    @overload
+    def create(
+        self,
+        kind: Literal["evaluator"],
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = ...,
+        path: KeyPath = ...,
+        name_path: KeyPath | None = ...,
+    ) -> Evaluator[Any]: ...
+
+    @overload
+    def create(
+        self,
+        kind: Literal["exporter"],
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = ...,
+        path: KeyPath = ...,
+        name_path: KeyPath | None = ...,
+    ) -> Exporter[Any]: ...
+
+    @overload
+    def create(
+        self,
+        kind: Literal["stage_preset"],
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = ...,
+        path: KeyPath = ...,
+        name_path: KeyPath | None = ...,
+    ) -> StagePreset[Any]: ...
+
+    @overload
+    def create(
+        self,
+        kind: str,
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = ...,
+        path: KeyPath = ...,
+        name_path: KeyPath | None = ...,
+    ) -> Component[Any]: ...
+
     def create(
         self,
         kind: str,
@@ -110,8 +235,11 @@ class Registry:
         source: SourceMap | None = None,
         path: KeyPath = (),
         name_path: KeyPath | None = None,
-    ) -> Any:
+    ) -> Component[Any]:
         """Look `name` up and build it from `options` validated against its Options model.
+
+        Typed by kind: `create("loss", ...)` is a `LossTerm[Any]`, and so on for each kind
+        of `KINDS`; a kind that is only known as a `str` gives a `Component[Any]`.
 
         `source` and `path` say where the options sit in the recipe, `name_path` where the
         name does (default: the `name` key beside the options); without `source` errors are
