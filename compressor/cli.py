@@ -25,7 +25,7 @@ from compressor.registry import Registry
 from compressor.run_folder import check_output
 
 if TYPE_CHECKING:
-    from compressor.plan import DistillPlan
+    from compressor.step import DistillPlan
 
 EXAMPLES = f"""\
 examples:

@@ -18,7 +18,6 @@ import datetime
 import operator
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,89 +28,20 @@ from torch.utils._pytree import tree_leaves
 
 from compressor.errors import CompressorError
 from compressor.graph_pass import output_node
+from compressor.world import SOLO, World, current, launched, use
 
 if TYPE_CHECKING:
-    from compressor.plan import DistillPlan
     from compressor.recipe import DistributedSpec
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the ranks of a run; a world of one needs no process group."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    backend: str = ""  # gloo | nccl; "" for a world of one
-
-    @property
-    def leader(self) -> bool:
-        """Rank 0: the one writer of metrics, checkpoint pointers, exports and the report."""
-        return self.rank == 0
-
-    def slice(self, indices: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous part of a global batch (sizes differ by at most one)."""
-        return indices.tensor_split(self.size)[self.rank] if self.size > 1 else indices
-
-    def mine(self, items: list[Any]) -> list[Any]:
-        """Every size-th item from this rank's: an even spread of evaluation batches."""
-        return items[self.rank :: self.size] if self.size > 1 else items
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """The sum of `values` over the ranks (a new tensor on values' device)."""
-        if self.size == 1:
-            return values
-        out = values.detach().to(self._comm_device(), copy=True)
-        dist.all_reduce(out)
-        return out.to(values.device)
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's `obj`, in rank order (picklable objects)."""
-        if self.size == 1:
-            return [obj]
-        out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def from_leader(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank."""
-        if self.size == 1:
-            return obj
-        box = [obj if self.leader else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
-    def _comm_device(self) -> torch.device:
-        return (
-            torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
-        )
-
-
-SOLO = World()
-_current = SOLO
-
-
-def current() -> World:
-    return _current
-
-
-def launched() -> bool:
-    """Whether torchrun (or another launcher) started this process as one of several ranks."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from compressor.step import DistillPlan
 
 
 def join(device: str, timeout_s: float | None = None) -> World:
     """The process group torchrun described in the environment, made once per process;
     `device` is the recipe's (cpu | cuda | auto) and picks the backend."""
-    global _current
     if not launched():
         return SOLO
-    if _current.size > 1:
-        return _current
+    if current().size > 1:
+        return current()
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     gpu = device != "cpu" and torch.cuda.is_available()
@@ -127,20 +57,18 @@ def join(device: str, timeout_s: float | None = None) -> World:
             "check torchrun's --rdzv-endpoint (or MASTER_ADDR/MASTER_PORT) and that every "
             "node can reach it"
         ) from exc
-    _current = World(rank, size, local_rank, backend)
-    return _current
+    return use(World(rank, size, local_rank, backend))
 
 
 def leave() -> None:
     """End this process's part of the run. The ranks leave together: one that tears its
     process group down while another still holds connections to it (rank 0 exporting) can
     abort either, so each waits at a last barrier first."""
-    global _current
     if dist.is_initialized():
         with contextlib.suppress(Exception):  # a peer that already failed: nothing to wait for
             dist.barrier()
         dist.destroy_process_group()
-    _current = SOLO
+    use(SOLO)
 
 
 # -- the training step across ranks -------------------------------------------------------------
@@ -363,7 +291,10 @@ def load_plain_optimizer(
 ) -> None:
     """A one-process checkpoint's optimizer state (keyed by position) into a wrapped step's
     optimizer: keyed by parameter name, then given to torch as a whole state dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     state = {names[i]: value for i, value in saved["state"].items()}
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]

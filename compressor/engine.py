@@ -32,8 +32,8 @@ from compressor.checkpoint import (
 )
 from compressor.distributed import Parallel, is_distributed_checkpoint, load_distributed
 from compressor.errors import CompressorError, RecipeError, RunFailed, TrainingStopped, failure
-from compressor.plan import DistillPlan, backward
 from compressor.recipe import DivergenceGuard
+from compressor.step import BACKWARD_PART, DistillPlan, StepFailed, backward
 from compressor.teacher_cache import TeacherCache
 
 METRICS = "metrics.jsonl"
@@ -250,8 +250,10 @@ def train(
                 )
         except CompressorError:
             raise
+        except StepFailed as exc:
+            raise RunFailed(f"training step {step + 1}: {exc.part.name}", exc.cause) from exc.cause
         except Exception as exc:
-            raise RunFailed(f"training step {step + 1}: {plan.part.name}", exc) from exc
+            raise RunFailed(f"training step {step + 1}: {BACKWARD_PART.name}", exc) from exc
         if split:  # what is logged is this rank's share of the terms
             step_terms = [t / world.size for t in step_terms]
         done = step + 1
@@ -274,7 +276,7 @@ def train(
         if steps_schedule:
             scheduler.step()
         if cache is not None:  # host time: on a GPU it trails the device by a few steps
-            cache.stats.record(plan.teacher_from_cache, time.perf_counter() - step_began)
+            cache.stats.record(cache.last_hit, time.perf_counter() - step_began)
 
         pending.append((done, step_terms, grad_norm, float(scheduler.get_last_lr()[0])))
         if read_now:

@@ -15,8 +15,8 @@ import torch
 from torch import fx, nn
 
 from compressor.components import Component, OptionsT
-from compressor.distributed import SOLO, World
 from compressor.loading import DataBundle
+from compressor.world import SOLO, World
 
 
 @dataclass

@@ -113,3 +113,12 @@ class Artifact:
     label: str
     exporter: Exporter[Any]
     result: ExportResult
+
+
+@dataclass
+class BoundExporter:
+    """A recipe's export entry in a plan."""
+
+    label: str  # unique within a plan: two onnx entries are `onnx` and `onnx_1`
+    exporter: Exporter[Any]
+    index: int  # position in the recipe's export list

@@ -208,6 +208,19 @@ def set_outputs(gm: fx.GraphModule, original: Any, taps: dict[str, fx.Node]) -> 
         out.meta.pop(TAPS_META, None)
 
 
+def tap_shapes(gm: fx.GraphModule, names: list[str]) -> dict[str, tuple[Any, ...] | None]:
+    """The captured shapes of a tapped graph's `names` (`output`, or taps)."""
+    taps = tapped(gm)
+    out: dict[str, tuple[Any, ...] | None] = {}
+    for name in names:
+        if name == OUTPUT:
+            node = original_output(gm)
+            out[name] = node_shape(node) if isinstance(node, fx.Node) else None
+        else:
+            out[name] = node_shape(taps[name])
+    return out
+
+
 def graph_inputs(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
     """Inputs added by passes: placeholder name -> how to draw it (`INPUT_META`)."""
     return {

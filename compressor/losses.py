@@ -7,7 +7,7 @@ trained with the student and, living outside the student graph, never reach the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 
 from compressor.components import Component, OptionsT
 from compressor.loading import batch_size
+from compressor.yaml_positions import KeyPath
 
 Shapes = dict[str, tuple[Any, ...] | None]
 
@@ -73,3 +74,26 @@ class LossTerm(Component[OptionsT], nn.Module):
         block's expert load), logged at every evaluation as `<label>/<name>` and shown in
         the report. Called rarely, so it may read values back from the device. Default: {}."""
         return {}
+
+
+@dataclass(frozen=True)
+class StepPart:
+    """The part of a training step that is running: what to call it in a message, and the
+    recipe key that configures it."""
+
+    name: str
+    path: KeyPath
+
+
+@dataclass
+class BoundLoss:
+    """A recipe's loss entry in a plan: its term, weight, label and where the recipe has it."""
+
+    label: str  # the name shown in logs; unique within a plan
+    weight: float
+    term: LossTerm[Any]
+    index: int  # position in the recipe's losses
+    part: StepPart = field(init=False)  # what a failure in this term names
+
+    def __post_init__(self) -> None:
+        self.part = StepPart(f"loss {self.label!r}", ("losses", self.index))

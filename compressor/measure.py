@@ -20,7 +20,7 @@ from torch import fx, nn
 from compressor.errors import failure
 from compressor.export import Artifact, Runner
 from compressor.loading import Inputs, call_model, to_device
-from compressor.plan import DistillPlan
+from compressor.step import DistillPlan
 
 
 def measure(plan: DistillPlan, artifacts: list[Artifact]) -> dict[str, dict[str, Any]]:

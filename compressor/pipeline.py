@@ -19,15 +19,22 @@ from safetensors.torch import load_model, save_model
 from compressor import distributed
 from compressor.checkpoint import latest_checkpoint
 from compressor.engine import TrainResult, train
-from compressor.errors import CompressorError, ExportError, RecipeError, RunFailed, failure
+from compressor.errors import (
+    CompressorError,
+    ExportError,
+    RecipeError,
+    RunFailed,
+    failure,
+)
 from compressor.export import Artifact, ExportResult
 from compressor.measure import measure
-from compressor.plan import DistillPlan, build_plan, plan_stages
+from compressor.plan import build_plan, plan_stages
 from compressor.recipe import LossSpec, Recipe
 from compressor.recipe_chain import produce_teachers
 from compressor.registry import Registry
 from compressor.report import build_report
 from compressor.run_folder import check_output, claim
+from compressor.step import DistillPlan
 
 
 @dataclass

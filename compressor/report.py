@@ -7,7 +7,7 @@ from typing import Any
 
 from compressor.engine import TrainResult
 from compressor.export import Artifact
-from compressor.plan import DistillPlan
+from compressor.step import DistillPlan
 
 
 def build_report(

@@ -20,6 +20,7 @@ they are read in (positions past a sample's own end are padding, which losses ma
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,9 +31,20 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import fx, nn
 
+from compressor.errors import RecipeError
+from compressor.graph_pass import (
+    OUTPUT,
+    node_shape,
+    original_output,
+    tap_shapes,
+    tapped,
+)
 from compressor.loading import Inputs
+from compressor.losses import BoundLoss, LossTerm
+from compressor.recipe import Recipe
+from compressor.world import launched
 
 
 @dataclass
@@ -100,14 +112,17 @@ class TeacherCache:
         self.tokens: dict[int, int] = {}  # token length of the batch each sample was kept from
         self.unsaved: set[int] = set()
         self.stats = CacheStats()
+        self.last_hit = False  # whether the last lookup found the whole batch
 
     # -- reading ----------------------------------------------------------------------------
     def lookup(
         self, indices: Sequence[int], x: Inputs, device: torch.device
     ) -> dict[str, torch.Tensor] | None:
-        """The teacher's values for this batch when every sample is kept, else None."""
+        """The teacher's values for this batch when every sample is kept, else None
+        (`last_hit` says which, for the step's timing)."""
         keys = [int(i) for i in indices]
-        if not keys or any(k not in self.samples for k in keys):
+        self.last_hit = bool(keys) and all(k in self.samples for k in keys)
+        if not self.last_hit:
             return None
         tokens = _tokens(x)
         out: dict[str, torch.Tensor] = dict(self.layout.constants)
@@ -211,6 +226,108 @@ class TeacherCache:
         if self.folder is not None and self.folder.is_dir():
             for path in self.folder.glob("part-*"):
                 path.unlink()
+
+
+# -- the layout a recipe asks for ----------------------------------------------------------
+def cache_layout(
+    recipe: Recipe,
+    teacher_graph: fx.GraphModule | None,
+    losses: list[BoundLoss],
+    input_specs: dict[str, dict[str, Any]],
+) -> CacheLayout | None:
+    """What `teacher_cache` keeps of the tapped, truncated `teacher_graph` for `losses`, or
+    None without one; a cache that cannot hold is a located recipe error."""
+    spec = recipe.teacher_cache
+    if spec is None:
+        return None
+    where = recipe.locate(("teacher_cache",), prefer_key=True)
+    if launched():
+        raise RecipeError(
+            where,
+            "teacher_cache keeps one process's cache and is not available under torchrun",
+            "remove teacher_cache, or run in one process",
+        )
+    if teacher_graph is None:
+        if recipe.stages is not None:  # a stage without a teacher has nothing to cache
+            return None
+        raise RecipeError(where, "teacher_cache is set, but no loss reads the teacher")
+    if input_specs:
+        raise RecipeError(
+            where,
+            "the teacher's outputs depend on inputs drawn anew at every step "
+            f"({', '.join(input_specs)}), so they cannot be cached",
+            "teacher_cache only with graphs that add no random inputs (no mae_mask)",
+        )
+    if spec.top_k is not None:
+        _check_sparse_readers(recipe, losses)
+    taps = tapped(teacher_graph)
+    shapes = tap_shapes(teacher_graph, list(taps))
+    node = original_output(teacher_graph)
+    shapes[OUTPUT] = node_shape(node) if isinstance(node, fx.Node) else None
+    constants = {  # taps of parameters (a fused head's weight): kept once, not per sample
+        name: operator.attrgetter(str(tap.target))(teacher_graph)
+        for name, tap in taps.items()
+        if tap.op == "get_attr"
+    }
+    sequence_dims = {
+        name: tuple(d for d, size in enumerate(shape) if d > 0 and not isinstance(size, int))
+        for name, shape in shapes.items()
+        if shape is not None
+    }
+    top_k = spec.top_k
+
+    def compress(teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for bound in losses:
+            if top_k is not None:
+                teacher, added = bound.term.cached_teacher(teacher, top_k)
+                sequence_dims.update(added)
+        return teacher
+
+    fingerprint = json.dumps(
+        {
+            "teacher": recipe.teacher.model_dump() if recipe.teacher else None,
+            # every module pass: a student's pass may change what the teacher returns too
+            # (prune_vocab reads a causal-LM teacher's logits over the kept tokens)
+            "module_passes": [p.model_dump() for p in recipe.module_passes],
+            "data": recipe.data.model_dump(),
+            "losses": [loss.model_dump() for loss in recipe.losses],
+            "teacher_cache": spec.model_dump(),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return CacheLayout(sequence_dims, compress, int(spec.memory_mb * 2**20), constants, fingerprint)
+
+
+def _check_sparse_readers(recipe: Recipe, losses: list[BoundLoss]) -> None:
+    """top_k hands the teacher's logits to the terms that keep them sparse; no other term
+    may read them."""
+    sparse = [b for b in losses if type(b.term).cached_teacher is not LossTerm.cached_teacher]
+    if not sparse:
+        raise RecipeError(
+            recipe.locate(("teacher_cache", "top_k"), prefer_key=True),
+            "top_k keeps the teacher's logits as sparse targets, and no loss here reads them so",
+            "a kd loss, or teacher_cache without top_k",
+        )
+    if len(sparse) > 1:
+        raise RecipeError(
+            recipe.locate(("losses", sparse[1].index)),
+            f"losses {', '.join(repr(b.label) for b in sparse)} would each keep sparse "
+            "targets of the teacher, and teacher_cache.top_k keeps one set",
+            "one kd loss with teacher_cache.top_k, or teacher_cache without top_k",
+        )
+    for bound in sparse:
+        taken = set(bound.term.reads()["teacher"])
+        for other in losses:
+            shared = taken & set(other.term.reads()["teacher"])
+            if other is not bound and shared:
+                raise RecipeError(
+                    recipe.locate(("losses", other.index)),
+                    f"loss {other.label!r} reads the teacher's {', '.join(sorted(shared))}, "
+                    f"which teacher_cache.top_k keeps only as loss {bound.label!r}'s sparse "
+                    "targets",
+                    "teacher_cache without top_k, or one loss reading the teacher's logits",
+                )
 
 
 def _tokens(x: Inputs) -> int | None:

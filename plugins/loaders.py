@@ -63,7 +63,8 @@ class RecipeModel(ModelLoader[RecipeModelOptions]):
 
     def load(self, recipe: Recipe, path: KeyPath) -> nn.Module:
         from compressor import recipe_chain
-        from compressor.plan import build_components, load_data, load_models
+        from compressor.plan import load_data, load_models
+        from compressor.recipe_components import build_components
         from compressor.registry import Registry
 
         file = recipe.resolve(self.options.recipe)

@@ -231,7 +231,7 @@ def test_engine_bench_interleaves_the_hand_loop_step_by_step(capsys):
 def test_backward_seeds_each_term_with_its_weight():
     """The engine's backward gives the weighted sum's gradient; a term that reaches no
     trained parameter adds nothing instead of failing the step."""
-    from compressor.plan import backward
+    from compressor.step import backward
 
     w = torch.tensor([1.5, -2.0], requires_grad=True)
     terms = [(w**2).sum(), w.prod(), torch.tensor(3.0)]

@@ -30,9 +30,10 @@ from compressor.export import Exporter
 from compressor.loading import Inputs, to_device
 from compressor.measure import latency_inputs, torch_runner, warm
 from compressor.pipeline import recorded_overrides
-from compressor.plan import DistillPlan, plan_stages
+from compressor.plan import plan_stages
 from compressor.recipe import load_recipe
 from compressor.registry import Registry
+from compressor.step import DistillPlan
 
 BACKENDS = ("pytorch", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
 

@@ -57,9 +57,10 @@ def memory_worker(strategy: str) -> dict[str, Any]:
 
     from compressor import distributed
     from compressor.distributed import Parallel
-    from compressor.plan import backward, build_plan
+    from compressor.plan import build_plan
     from compressor.recipe import load_recipe
     from compressor.registry import Registry
+    from compressor.step import backward
 
     world = distributed.join("cpu")
     registry = Registry.load()

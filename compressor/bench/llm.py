@@ -65,9 +65,10 @@ def measure(variant: str, reps: int) -> dict[str, Any]:
     """In a fresh process: seconds per step (median) and the peak extra bytes of the steps."""
     import torch
 
-    from compressor.plan import backward, build_plan
+    from compressor.plan import build_plan
     from compressor.recipe import load_recipe
     from compressor.registry import Registry
+    from compressor.step import backward
     from compressor.teacher_cache import TeacherCache
 
     torch.manual_seed(0)
@@ -86,11 +87,11 @@ def measure(variant: str, reps: int) -> dict[str, Any]:
         return time.perf_counter() - began
 
     step()  # warm-up; with the cache, the step that fills it
-    assert cache is None or plan.teacher_from_cache is False
+    assert cache is None or cache.last_hit is False
     reset_rss_peak()
     base = rss("VmRSS")
     times = [step() for _ in range(reps)]
-    assert cache is None or plan.teacher_from_cache
+    assert cache is None or cache.last_hit
     return {
         "seconds": statistics.median(times),
         "peak_extra_bytes": max(0, rss("VmHWM") - base),
