@@ -28,7 +28,12 @@ from compressor.graph_pass import eliminate_dead_code
 from compressor.hookspecs import hookimpl
 from compressor.loading import Inputs, batch_size, call_model, to_device
 from compressor.plugins.hf import LOGIT_IDS, TASKS, VOCAB_MAP, HFModule
-from compressor.plugins.hf_moe import checkpoint_model, export_safe_moe, saved_model_type
+from compressor.plugins.hf_moe import (
+    checkpoint_model,
+    export_safe_moe,
+    kv_heads,
+    saved_model_type,
+)
 from compressor.plugins.onnx_export import (
     ONNXExporter,
     export_onnx,
@@ -112,7 +117,7 @@ class HFExporter(ONNXExporter):
         family optimum's loader sizes by attention heads is saved again with a key/value head
         per query head, so the folder works where users load it."""
         model = self._optimum_decoder(folder)
-        saved = _kv_heads(module.hf_model)
+        saved = kv_heads(module.hf_model.config)
         if getattr(model, "num_key_value_heads", saved) != saved:
             details["key_value_heads"] = (
                 f"{saved} repeated to {model.num_key_value_heads}: optimum's "
@@ -297,12 +302,6 @@ class HFInt8Exporter(ONNXInt8Exporter):
 
     def runner(self, path: Path, providers: list[str] | None = None) -> Runner | None:
         return folder_runner(path, providers)
-
-
-def _kv_heads(model: Any) -> int:
-    """A Hugging Face model's key/value heads (as its checkpoint saves them)."""
-    config = model.config
-    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
 def _require_optimum_decoder(module: HFModule) -> None:

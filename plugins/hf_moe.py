@@ -41,6 +41,11 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     return [m for m in model.modules() if isinstance(m, MoEBlock)]
 
 
+def kv_heads(config: Any) -> int:
+    """A Hugging Face config's key/value heads (its attention heads without grouping)."""
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
 def saved_model_type(model: Any) -> str:
     """The `model_type` `checkpoint_model` saves `model` as."""
     if moe_blocks(model) and model.config.model_type not in KEPT_LAYOUTS:
@@ -57,8 +62,7 @@ def checkpoint_model(model: Any, repeat_kv_heads: bool = False) -> Any:
     config = model.config
     if saved_model_type(model) != config.model_type:
         return as_qwen2_moe(model, one_kv_head_per_query=repeat_kv_heads)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    if repeat_kv_heads and kv_heads != config.num_attention_heads:
+    if repeat_kv_heads and kv_heads(config) != config.num_attention_heads:
         return _one_kv_head_per_query_model(model)
     return model
 
@@ -68,13 +72,13 @@ def _one_kv_head_per_query_model(model: Any) -> Any:
     config = copy.deepcopy(model.config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = config.num_key_value_heads
+    grouped = kv_heads(config)
     config.num_key_value_heads = heads
     weight = model.lm_head.weight
     expanded = type(model)(config).to(weight.device, weight.dtype)
     where = f"repeating the key/value heads of {config.model_type}"
     state = _one_kv_head_per_query(
-        model.state_dict(), expanded.state_dict(), (heads, kv_heads, head_dim), where
+        model.state_dict(), expanded.state_dict(), (heads, grouped, head_dim), where
     )
     expanded.load_state_dict(state)
     expanded.tie_weights()
@@ -100,65 +104,30 @@ def as_qwen2_moe(model: Any, one_kv_head_per_query: bool = False) -> Any:
     sparse = [
         i for i, layer in enumerate(layers) if isinstance(getattr(layer, "mlp", None), MoEBlock)
     ]
-    blocks = [layers[i].mlp for i in sparse]
-    first = blocks[0]
-    shape = _block_shape(first, where, f"{path}.{sparse[0]}.mlp")
-    for i, block in zip(sparse[1:], blocks[1:], strict=True):
-        if _block_shape(block, where, f"{path}.{i}.mlp") != shape:
-            raise ExportError(
-                f"{where}: {path}.{i}.mlp has {_block_shape(block, where, '')} (experts, top k, "
-                f"renormalised, expert width, shared width) and {path}.{sparse[0]}.mlp has "
-                f"{shape}; a Qwen2-MoE checkpoint has one shape for all its MoE blocks"
-            )
-    experts, top_k, renormalize, width, shared_width = shape
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    shape = _one_block_shape(path, [layers[k].mlp for k in sparse], sparse, where)
+    heads, grouped = config.num_attention_heads, kv_heads(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     state = model.state_dict()
-    repeat_kv = one_kv_head_per_query and kv_heads != heads
-    window = getattr(config, "sliding_window", None)
-    use_window = window is not None and getattr(config, "use_sliding_window", True)
-    moe_config = transformers.Qwen2MoeConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=getattr(config, "intermediate_size", width),
-        num_hidden_layers=len(layers),
-        num_attention_heads=heads,
-        num_key_value_heads=heads if repeat_kv else kv_heads,
-        head_dim=head_dim,
-        hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_theta=getattr(config, "rope_theta", 10000.0),
-        rope_scaling=getattr(config, "rope_scaling", None),
-        attention_dropout=getattr(config, "attention_dropout", 0.0),
-        use_sliding_window=bool(use_window),
-        sliding_window=window if use_window else None,
-        max_window_layers=len(layers),
-        tie_word_embeddings=config.tie_word_embeddings,
-        num_experts=experts,
-        num_experts_per_tok=top_k,
-        norm_topk_prob=renormalize,
-        moe_intermediate_size=width,
-        shared_expert_intermediate_size=shared_width or 1,
-        decoder_sparse_step=1,
-        mlp_only_layers=[i for i in range(len(layers)) if i not in sparse],
-        qkv_bias=True,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
+    repeat_kv = one_kv_head_per_query and grouped != heads
+    moe_config = _qwen2_moe_config(
+        config,
+        len(layers),
+        sparse,
+        shape,
+        heads if repeat_kv else grouped,
+        head_dim,
     )
     weight = model.lm_head.weight
     converted = transformers.Qwen2MoeForCausalLM(moe_config).to(weight.device, weight.dtype)
     if repeat_kv:
         state = _one_kv_head_per_query(
-            state, converted.state_dict(), (heads, kv_heads, head_dim), where
+            state, converted.state_dict(), (heads, grouped, head_dim), where
         )
     try:
         missing, unexpected = converted.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a parameter of another shape
         raise ExportError(f"{where}: {exc}") from None
-    absent = [k for k in missing if not _fillable(k, shared_width == 0)]
+    absent = [k for k in missing if not _fillable(k, shape[-1] == 0)]  # no shared expert
     if unexpected or absent:
         raise ExportError(
             f"{where}: the student's parameters do not map onto Qwen2-MoE's (Llama-style "
@@ -179,6 +148,53 @@ def as_qwen2_moe(model: Any, one_kv_head_per_query: bool = False) -> Any:
     converted.eval()
     _check_same_outputs(model, converted, where)
     return converted
+
+
+def _qwen2_moe_config(
+    config: Any,
+    depth: int,
+    sparse: list[int],
+    shape: tuple[int, int, bool, int, int],
+    key_value_heads: int,
+    head_dim: int,
+) -> Any:
+    """The Qwen2-MoE configuration of a decoder `config` whose layers `sparse` (of `depth`)
+    hold MoE blocks of `shape` (experts, top k, renormalised, expert width, shared width)."""
+    import transformers
+
+    experts, top_k, renormalize, width, shared_width = shape
+    window = getattr(config, "sliding_window", None)
+    use_window = window is not None and getattr(config, "use_sliding_window", True)
+    return transformers.Qwen2MoeConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=getattr(config, "intermediate_size", width),
+        num_hidden_layers=depth,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=key_value_heads,
+        head_dim=head_dim,
+        hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=getattr(config, "rope_theta", 10000.0),
+        rope_scaling=getattr(config, "rope_scaling", None),
+        attention_dropout=getattr(config, "attention_dropout", 0.0),
+        use_sliding_window=bool(use_window),
+        sliding_window=window if use_window else None,
+        max_window_layers=depth,
+        tie_word_embeddings=config.tie_word_embeddings,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=renormalize,
+        moe_intermediate_size=width,
+        shared_expert_intermediate_size=shared_width or 1,
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i in range(depth) if i not in sparse],
+        qkv_bias=True,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
 
 
 def _one_kv_head_per_query(
@@ -218,6 +234,21 @@ def _repeat_heads(value: torch.Tensor, repeat: int, size: int) -> torch.Tensor:
     """Rows of heads of `size`, each head repeated `repeat` times in place."""
     heads = value.reshape(-1, size, *value.shape[1:])
     return heads.repeat_interleave(repeat, dim=0).reshape(-1, *value.shape[1:])
+
+
+def _one_block_shape(
+    path: str, blocks: list[MoEBlock], indices: list[int], where: str
+) -> tuple[int, int, bool, int, int]:
+    """The shape every MoE block shares (a Qwen2-MoE checkpoint has one for all)."""
+    shape = _block_shape(blocks[0], where, f"{path}.{indices[0]}.mlp")
+    for i, block in zip(indices[1:], blocks[1:], strict=True):
+        if _block_shape(block, where, f"{path}.{i}.mlp") != shape:
+            raise ExportError(
+                f"{where}: {path}.{i}.mlp has {_block_shape(block, where, '')} (experts, top k, "
+                f"renormalised, expert width, shared width) and {path}.{indices[0]}.mlp has "
+                f"{shape}; a Qwen2-MoE checkpoint has one shape for all its MoE blocks"
+            )
+    return shape
 
 
 def _block_shape(block: MoEBlock, where: str, label: str) -> tuple[int, int, bool, int, int]:
