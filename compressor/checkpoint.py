@@ -5,6 +5,9 @@ pieces such as projections) and state.pt (optimizer, schedule, RNG, step), read 
 `torch.load(weights_only=True)` so loading one never runs code. A run of several ranks
 writes torch.distributed.checkpoint folders instead (every rank its shards, one `.metadata`),
 which resume at any world size, one process included.
+
+`Checkpoints` is what the training loop sees: `save` and `restore`, the same calls whether one
+process or several run and whichever kind of checkpoint a run resumes from.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from compressor.distributed import World, is_distributed_checkpoint, save_distributed
+from compressor.distributed import (
+    World,
+    is_distributed_checkpoint,
+    load_distributed,
+    load_plain_optimizer,
+    save_distributed,
+    trainable_names,
+)
+from compressor.errors import CompressorError
 
 LATEST = "latest"
 
@@ -28,6 +39,81 @@ LATEST = "latest"
 class Checkpoint:
     path: Path
     step: int
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: the student's training graph and the losses' learned pieces
+    (plain modules), the step as wrapped for this world's ranks (`Parallel.module`), and the
+    optimizer and schedule that move them."""
+
+    student: nn.Module
+    losses: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a torch LRScheduler
+
+
+class Checkpoints:
+    """A run's checkpoints folder as this world sees it. One process writes plain checkpoints,
+    several write torch.distributed.checkpoint folders; either kind resumes at any world size.
+    `last` is the newest checkpoint written or resumed from (what a failure message points to).
+
+    Resuming takes two calls: `restore_weights` before the step is wrapped for several ranks
+    (FSDP shards the weights it finds), `restore` once the optimizer and schedule exist."""
+
+    def __init__(self, folder: Path, world: World, keep: int):
+        self.folder, self.world, self.keep = folder, world, keep
+        self.last: Checkpoint | None = None
+        self._saved: dict[str, Any] | None = None  # a plain checkpoint's state, until restored
+
+    def resume_point(self) -> Checkpoint:
+        """The checkpoint --resume continues from; an error for people when there is none."""
+        last = latest_checkpoint(self.folder)
+        if last is None:
+            raise CompressorError(f"--resume: no checkpoint in {self.folder}; run without --resume")
+        self.last = last
+        return last
+
+    def restore_weights(
+        self, checkpoint: Checkpoint, student: nn.Module, losses: nn.Module
+    ) -> None:
+        """A plain checkpoint's weights into the unwrapped modules; a distributed one is read
+        whole by `restore`."""
+        if not is_distributed_checkpoint(checkpoint.path):
+            self._saved = load_checkpoint(checkpoint, student, losses)
+
+    def restore(self, checkpoint: Checkpoint, state: TrainState) -> int:
+        """The optimizer, schedule and RNG (and a distributed checkpoint's weights) as saved;
+        returns the step the run continues from."""
+        saved = self._saved
+        if saved is None:
+            rest = {"scheduler": state.scheduler.state_dict(), "rng": torch.get_rng_state()}
+            saved = load_distributed(checkpoint.path, state.wrapped, state.optimizer, rest)
+        elif self.world.size > 1:  # one process's optimizer state, keyed by position
+            names = trainable_names(state.wrapped)
+            load_plain_optimizer(state.wrapped, names, state.optimizer, saved["optimizer"])
+        else:
+            state.optimizer.load_state_dict(saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        self._saved = None
+        return checkpoint.step
+
+    def save(self, step: int, state: TrainState) -> Checkpoint:
+        """Every rank its shards (the optimizer's included) when several run; else one plain
+        checkpoint of the student's training graph (its weights and what passes added)."""
+        rest = {"scheduler": state.scheduler.state_dict(), "rng": torch.get_rng_state()}
+        if self.world.size > 1:
+            self.last = save_distributed_checkpoint(
+                self.folder, step, self.world, state.wrapped, state.optimizer, rest, self.keep
+            )
+        else:
+            rest["optimizer"] = state.optimizer.state_dict()
+            self.last = save_checkpoint(
+                self.folder, step, state.student, state.losses, rest, self.keep
+            )
+        return self.last
 
 
 def save_checkpoint(

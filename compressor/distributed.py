@@ -90,7 +90,7 @@ class TrainStep(nn.Module):
         return plan.loss_terms(x, y, cache, indices)
 
 
-def trainable_names(step: TrainStep) -> list[str]:
+def trainable_names(step: nn.Module) -> list[str]:
     """Names of the trained parameters, in the optimizer's order (plan.trainable_parameters)."""
     return [name for name, p in step.named_parameters() if p.requires_grad]
 

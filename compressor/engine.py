@@ -7,36 +7,28 @@ RNG state, so a resumed run follows the same loss trajectory as an uninterrupted
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
-import json
 import math
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from compressor import distributed
-from compressor.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    save_distributed_checkpoint,
-)
-from compressor.distributed import Parallel, is_distributed_checkpoint, load_distributed
+from compressor.checkpoint import Checkpoint, Checkpoints, TrainState
+from compressor.distributed import Parallel
 from compressor.errors import CompressorError, RecipeError, RunFailed, TrainingStopped, failure
+from compressor.metrics import Metrics
+from compressor.progress import Progress
 from compressor.recipe import DivergenceGuard
 from compressor.step import BACKWARD_PART, DistillPlan, StepFailed, backward
 from compressor.teacher_cache import TeacherCache
-
-METRICS = "metrics.jsonl"
+from compressor.world import World
 
 
 @dataclass
@@ -87,64 +79,216 @@ def _epoch_batches(
 def train(
     plan: DistillPlan, run_dir: Path, resume: bool = False, progress: bool = True
 ) -> TrainResult:
-    recipe, cfg, device = plan.recipe, plan.recipe.train, plan.device
-    world = distributed.current()
-    leader = world.leader  # the one writer of metrics and checkpoint pointers
-    losses = nn.ModuleList([bound.term for bound in plan.losses])
-    checkpoints = run_dir / "checkpoints"
-    metrics_path = run_dir / METRICS
-    n_train = len(plan.data.train)
-    lengths = plan.data.lengths() if recipe.data.group_by_length else None
+    """Set up (resuming at the last checkpoint when asked), then one step after another; a
+    step is read back, evaluated and checkpointed when the recipe asks for it."""
+    cfg, world = plan.recipe.train, distributed.current()
     _check_split(plan, world)
-    # Loss values and gradient norms are read back (and checked) only when logged, evaluated
-    # or checkpointed: on a GPU every read is a device sync. A bad step is still reported at
-    # the step it appeared, and no checkpoint is written after it.
-
     run_dir.mkdir(parents=True, exist_ok=True)
-    cache = None
-    if plan.cache_layout is not None:
-        cache = TeacherCache(plan.cache_layout, run_dir / "teacher_cache")
-    start, last_good, saved = 0, None, None
-    if resume:
-        last_good = latest_checkpoint(checkpoints)
-        if last_good is None:
-            raise CompressorError(f"--resume: no checkpoint in {checkpoints}; run without --resume")
-        start = last_good.step
-        if not is_distributed_checkpoint(last_good.path):  # weights before any wrapping
-            saved = load_checkpoint(last_good, plan.student_graph, losses)
-    # the step across ranks; under FSDP the graphs now hold shards, so parameters come after
+    checkpoints = Checkpoints(run_dir / "checkpoints", world, cfg.keep_checkpoints)
+    resumed = checkpoints.resume_point() if resume else None
+    losses = nn.ModuleList([bound.term for bound in plan.losses])
+    if resumed is not None:  # before the step is wrapped: FSDP shards the weights it finds
+        checkpoints.restore_weights(resumed, plan.student_graph, losses)
     parallel = Parallel(plan, world, cfg.distributed)
-    params = plan.trainable_parameters()
-    optimizer = plan.optimizer.build(params)
+    optimizer = plan.optimizer.build(plan.trainable_parameters())
     scheduler = plan.schedule.build(optimizer, cfg.steps)
-    if resume:
-        assert last_good is not None
-        if saved is None:
-            saved = load_distributed(
-                last_good.path,
-                parallel.module,
-                optimizer,
-                {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+    state = TrainState(plan.student_graph, losses, parallel.module, optimizer, scheduler)
+    start = checkpoints.restore(resumed, state) if resumed is not None else 0
+    if resumed is None:
+        torch.manual_seed(plan.recipe.seed)
+    metrics = Metrics(run_dir, plan.hooks, world, None if resumed is None else start)
+    cache = _teacher_cache(plan, run_dir, start if resumed is not None else None)
+    _show_teacher_share(parallel, world)
+    bar = Progress(cfg.steps, start, enabled=progress and world.leader)
+    if start == 0:  # the student as it starts: what distillation improves on
+        _log_scores(plan, metrics, bar, 0, _score(plan, parallel, world, 0))
+    stepper = Stepper(plan, parallel, world, state, cache)
+    reader = Readback(plan, world, metrics, Divergence(cfg.divergence, metrics.earlier()))
+    scores: dict[str, float] = {}
+    began = time.perf_counter()
+    for step in range(start, cfg.steps):
+        done = step + 1
+        evaluate_now = done % cfg.eval_every == 0 or done == cfg.steps
+        checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        read_now = evaluate_now or checkpoint_now or done % cfg.log_every == 0
+        reader.add(stepper.run(step, measure_norm=read_now))
+        if read_now:
+            reader.read(bar, checkpoints.last)
+        bar.advance(done)
+        if evaluate_now:
+            with bar.paused():
+                scores = _score(plan, parallel, world, done)
+            _log_scores(plan, metrics, bar, done, scores)
+        if checkpoint_now:
+            with bar.paused():
+                _save_checkpoint(checkpoints, done, state, cache, bar)
+    bar.close()
+    parallel.close()  # the trained weights whole in the plain modules, on every rank
+    seconds = time.perf_counter() - began
+    history = metrics.history()
+    final = scores if start < cfg.steps else _score(plan, parallel, world, cfg.steps)
+    summary = cache.stats.summary() if cache is not None else None
+    return TrainResult(run_dir, cfg.steps, final, _initial(history), history, seconds, summary)
+
+
+class StepValues(NamedTuple):
+    """One step's values, left on the device until read back."""
+
+    step: int  # steps done, this one included
+    terms: list[torch.Tensor]  # this rank's share of each unweighted term
+    grad_norm: torch.Tensor
+    lr: float
+
+
+class Stepper:
+    """One optimizer step. The global batch is sliced for this rank and cut into micro-batches.
+    A step split across ranks or micro-batches weights each part's terms by its share of the
+    step's units (samples or scored tokens): the parts then add up to the whole batch's terms,
+    and the ranks' gradients (averaged by DDP and FSDP, hence the world size) to its gradient.
+    One process, one micro-batch: the terms as they are. Each term's backward starts from its
+    weight (`backward`); logged values are weighted when read back."""
+
+    def __init__(
+        self,
+        plan: DistillPlan,
+        parallel: Parallel,
+        world: World,
+        state: TrainState,
+        cache: TeacherCache | None,
+    ):
+        self.plan, self.parallel, self.world, self.cache = plan, parallel, world, cache
+        self.optimizer, self.scheduler = state.optimizer, state.scheduler
+        self.params = plan.trainable_parameters()  # as the optimizer got them (after wrapping)
+        self.lengths = plan.data.lengths() if plan.recipe.data.group_by_length else None
+        self.split = world.size > 1 or plan.recipe.train.grad_accum > 1
+        self.seeds = plan.loss_seeds()
+        self.unmeasured = torch.zeros((), device=plan.device)  # a norm not read back
+        self.steps_schedule = not plan.schedule.constant()
+
+    def run(self, step: int, measure_norm: bool) -> StepValues:
+        began = time.perf_counter()
+        try:
+            terms = self._forward_backward(step)
+        except CompressorError:
+            raise
+        except StepFailed as exc:
+            raise RunFailed(f"training step {step + 1}: {exc.part.name}", exc.cause) from exc.cause
+        except Exception as exc:
+            raise RunFailed(f"training step {step + 1}: {BACKWARD_PART.name}", exc) from exc
+        if self.split:  # what is logged is this rank's share of the terms
+            terms = [t / self.world.size for t in terms]
+        grad_norm = distributed.whole(self._grad_norm(measure_norm))
+        self.optimizer.step()
+        if self.steps_schedule:
+            self.scheduler.step()
+        if self.cache is not None:  # host time: on a GPU it trails the device by a few steps
+            self.cache.stats.record(self.cache.last_hit, time.perf_counter() - began)
+        return StepValues(step + 1, terms, grad_norm, float(self.scheduler.get_last_lr()[0]))
+
+    def _forward_backward(self, step: int) -> list[torch.Tensor]:
+        """The step's terms, summed over its micro-batches in fp32, gradients accumulated."""
+        plan, world, recipe = self.plan, self.world, self.plan.recipe
+        n = len(plan.data.train)
+        indices = batch_indices(step, n, recipe.data.batch_size, recipe.seed, self.lengths)
+        parts = [world.slice(indices)]
+        if recipe.train.grad_accum > 1:
+            parts = [p for p in parts[0].tensor_split(recipe.train.grad_accum) if len(p)]
+        batches = [plan.data.batch("train", p, plan.device) for p in parts]
+        portions: list[torch.Tensor | None] = [None] * len(parts)
+        if self.split:
+            units = [plan.loss_units(x, y) for x, y in batches]
+            whole = world.sum(torch.stack(units).sum(0)).clamp(min=1)
+            portions = [u / whole * world.size for u in units]
+        step_terms: list[torch.Tensor] = []
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, ((x, y), part, portion) in enumerate(zip(batches, parts, portions, strict=True)):
+            with self.parallel.accumulating(last=i == len(parts) - 1):
+                # the cache keys its values by sample, so only it needs the indices
+                keys = part.tolist() if self.cache is not None else []
+                terms = list(self.parallel.terms(x, y, self.cache, keys).values())
+                if portion is not None:
+                    terms = [t * w for t, w in zip(terms, portion.tolist(), strict=True)]
+                backward(terms, self.seeds)
+            done = [t.detach().float() for t in terms]  # a float32 term is returned as it is
+            step_terms = (
+                [a + b for a, b in zip(step_terms, done, strict=True)] if step_terms else done
             )
-        elif world.size > 1:
-            names = distributed.trainable_names(parallel.module)
-            distributed.load_plain_optimizer(parallel.module, names, optimizer, saved["optimizer"])
-        else:
-            optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        if leader:
-            _truncate_metrics(metrics_path, start)
-        if cache is not None:
-            cache.load(start)
+        return step_terms
+
+    def _grad_norm(self, measure: bool) -> torch.Tensor:
+        """Clipped, or measured on steps that are read back (about 5% of a small model's step):
+        a non-finite gradient elsewhere makes the next loss non-finite, and checkpoint steps
+        are always read, so a NaN gradient never reaches a checkpoint."""
+        clip = self.plan.recipe.train.grad_clip
+        if clip is not None:
+            return nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+        if measure:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            return nn.utils.get_total_norm(grads, foreach=True)
+        return self.unmeasured
+
+
+class Readback:
+    """Loss values and gradient norms are read back (and checked) only when logged, evaluated
+    or checkpointed: on a GPU every read is a device sync. A bad step is still reported at the
+    step it appeared, and no checkpoint is written after it."""
+
+    def __init__(self, plan: DistillPlan, world: World, metrics: Metrics, guard: Divergence):
+        self.world, self.metrics, self.guard = world, metrics, guard
+        self.log_every, self.last_step = plan.recipe.train.log_every, plan.recipe.train.steps
+        self.labels = [bound.label for bound in plan.losses]
+        self.weights = [bound.weight for bound in plan.losses]
+        self.pending: list[StepValues] = []
+
+    def add(self, values: StepValues) -> None:
+        self.pending.append(values)
+
+    def read(self, bar: Progress, last_good: Checkpoint | None) -> None:
+        """Log the pending steps; stop on the first step whose loss is not finite or blows
+        up, or whose gradient norm is not finite."""
+        # one stack of every value (it promotes a bf16 norm): [steps, terms + grad norm]; a
+        # few ops and one copy to the host, as they run cold once every few steps
+        rows = torch.stack([v for p in self.pending for v in (*p.terms, p.grad_norm)])
+        rows = rows.view(len(self.pending), -1)
+        if self.world.size > 1:  # each rank's share of the terms (one norm), summed in float64
+            rows = rows.double()
+            rows[:, :-1] = self.world.sum(rows[:, :-1])
+        for values, row in zip(self.pending, rows.tolist(), strict=True):
+            *shares, grad_norm = row
+            weighted = [value * weight for value, weight in zip(shares, self.weights, strict=True)]
+            terms = dict(zip(self.labels, weighted, strict=True))
+            total = math.fsum(weighted)
+            step = values.step
+            problem = self.guard.problem(total, grad_norm)
+            if problem is not None:
+                event, message = problem
+                record = {"step": step, "event": event, "loss": total, **terms}
+                self.metrics.log({**record, "grad_norm": grad_norm})
+                bar.close()
+                raise TrainingStopped(_stopped(step, message, terms, last_good))
+            if step % self.log_every == 0 or step == self.last_step:
+                record = {"step": step, "loss": total, **terms, "grad_norm": grad_norm}
+                self.metrics.log({**record, "lr": values.lr})
+        bar.show_terms({"loss": total, **terms})
+        self.pending.clear()
+
+
+def _teacher_cache(plan: DistillPlan, run_dir: Path, resumed_at: int | None) -> TeacherCache | None:
+    """The teacher's cached outputs: read back up to a resumed step, else started afresh."""
+    if plan.cache_layout is None:
+        return None
+    cache = TeacherCache(plan.cache_layout, run_dir / "teacher_cache")
+    if resumed_at is None:
+        cache.clear_folder()
     else:
-        torch.manual_seed(recipe.seed)
-        if leader:
-            metrics_path.unlink(missing_ok=True)
-        if cache is not None:
-            cache.clear_folder()
+        cache.load(resumed_at)
+    return cache
+
+
+def _show_teacher_share(parallel: Parallel, world: World) -> None:
+    """What sharding the teacher saves, shown even with --quiet."""
     share = parallel.teacher_share()
-    if share is not None and leader:  # what sharding saves, shown even with --quiet
+    if share is not None and world.leader:
         held, total = share
         print(
             f"fsdp: each rank holds {held:,} of the teacher's {total:,} parameters "
@@ -153,192 +297,58 @@ def train(
             flush=True,
         )
 
-    def log(record: dict[str, Any]) -> None:
-        if not leader:
-            return
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        plan.hooks.compressor_metrics_logged(record=record, run_dir=run_dir)
 
-    def score(step: int) -> dict[str, float]:
-        with (
-            failure(f"evaluation at step {step}: the student's eval graph"),
-            parallel.full_weights(),
-        ):
-            return plan.evaluator(plan.student_eval_graph, shard=world)
+def _score(plan: DistillPlan, parallel: Parallel, world: World, step: int) -> dict[str, float]:
+    with failure(f"evaluation at step {step}: the student's eval graph"), parallel.full_weights():
+        return plan.evaluator(plan.student_eval_graph, shard=world)
 
-    bar = Progress(cfg.steps, start, enabled=progress and leader)
-    initial_scores = score(0) if start == 0 else {}
-    if initial_scores:  # the student as it starts: what distillation improves on
-        log({"step": 0, **{f"eval/{k}": v for k, v in initial_scores.items()}})
-    labels = [bound.label for bound in plan.losses]
-    scores: dict[str, float] = {}
-    # (step, detached terms, grad norm, lr) of the steps not read back yet: stacked only when
-    # read, so a step adds no tensor ops of its own for logging
-    pending: list[tuple[int, list[torch.Tensor], torch.Tensor, float]] = []
 
-    earlier = world.from_leader(read_metrics(metrics_path) if resume and leader else [])
-    guard = Divergence(cfg.divergence, earlier)
+def _log_scores(
+    plan: DistillPlan, metrics: Metrics, bar: Progress, step: int, scores: dict[str, float]
+) -> None:
+    """An evaluation's scores and what each loss observed; the first (step 0) is logged alone."""
+    seen = (
+        {
+            f"{bound.label}/{name}": value
+            for bound in plan.losses
+            for name, value in bound.term.observed().items()
+        }
+        if step > 0
+        else {}
+    )
+    if not (scores or seen):  # a stage may have no metric of its own (general distillation)
+        return
+    metrics.log({"step": step, **{f"eval/{k}": v for k, v in scores.items()}, **seen})
+    if step > 0:
+        bar.note(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
-    def read_back() -> None:
-        """Log the pending steps; stop on the first step whose loss is not finite or blows
-        up, or whose gradient norm is not finite."""
-        # one stack of every value (it promotes a bf16 norm): [steps, terms + grad norm]; a
-        # few ops and one copy to the host, as they run cold once every few steps
-        rows = torch.stack([v for _, terms, norm, _ in pending for v in (*terms, norm)])
-        rows = rows.view(len(pending), -1)
-        if world.size > 1:  # each rank's share of the terms (one norm), summed in float64
-            rows = rows.double()
-            rows[:, :-1] = world.sum(rows[:, :-1])
-        for (step, _, _, lr), row in zip(pending, rows.tolist(), strict=True):
-            *shares, grad_norm = row
-            loss_values = [value * weight for value, weight in zip(shares, weights, strict=True)]
-            terms = dict(zip(labels, loss_values, strict=True))
-            total = math.fsum(loss_values)
-            problem = guard.problem(total, grad_norm)
-            if problem is not None:
-                event, message = problem
-                log({"step": step, "event": event, "loss": total, **terms, "grad_norm": grad_norm})
-                bar.close()
-                raise TrainingStopped(_stopped(step, message, terms, last_good))
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log({"step": step, "loss": total, **terms, "grad_norm": grad_norm, "lr": lr})
-        bar.show_terms({"loss": total, **terms})
-        pending.clear()
 
-    # A step split across ranks or micro-batches weights each part's terms by its share of
-    # the step's units (samples or scored tokens): the parts then add up to the whole batch's
-    # terms, and the ranks' gradients (averaged by DDP and FSDP, hence the world size) to its
-    # gradient. One process, one micro-batch: the terms as they are.
-    split = world.size > 1 or cfg.grad_accum > 1
-    # The terms come unweighted and each one's backward starts from its weight (`backward`);
-    # logged values are weighted when read back.
-    weights = [bound.weight for bound in plan.losses]
-    seeds = plan.loss_seeds()
-    unmeasured = torch.zeros((), device=device)  # the gradient norm of a step not read back
-    steps_schedule = not plan.schedule.constant()
-    began = time.perf_counter()
-    for step in range(start, cfg.steps):
-        indices = batch_indices(step, n_train, recipe.data.batch_size, recipe.seed, lengths)
-        parts = [world.slice(indices)]
-        if cfg.grad_accum > 1:
-            parts = [p for p in parts[0].tensor_split(cfg.grad_accum) if len(p)]
-        batches = [plan.data.batch("train", p, device) for p in parts]
-        portions: list[torch.Tensor | None] = [None] * len(parts)
-        if split:
-            units = [plan.loss_units(x, y) for x, y in batches]
-            whole = world.sum(torch.stack(units).sum(0)).clamp(min=1)
-            portions = [u / whole * world.size for u in units]
-        step_began = time.perf_counter()
-        step_terms: list[torch.Tensor] = []
-        try:
-            optimizer.zero_grad(set_to_none=True)
-            for i, ((x, y), part, portion) in enumerate(zip(batches, parts, portions, strict=True)):
-                with parallel.accumulating(last=i == len(parts) - 1):
-                    # the cache keys its values by sample, so only it needs the indices
-                    keys = part.tolist() if cache is not None else []
-                    terms = list(parallel.terms(x, y, cache, keys).values())
-                    if portion is not None:
-                        terms = [t * w for t, w in zip(terms, portion.tolist(), strict=True)]
-                    backward(terms, seeds)
-                # summed over micro-batches in fp32 (a float32 term is returned as it is)
-                done_terms = [t.detach().float() for t in terms]
-                step_terms = (
-                    [a + b for a, b in zip(step_terms, done_terms, strict=True)]
-                    if step_terms
-                    else done_terms
-                )
-        except CompressorError:
-            raise
-        except StepFailed as exc:
-            raise RunFailed(f"training step {step + 1}: {exc.part.name}", exc.cause) from exc.cause
-        except Exception as exc:
-            raise RunFailed(f"training step {step + 1}: {BACKWARD_PART.name}", exc) from exc
-        if split:  # what is logged is this rank's share of the terms
-            step_terms = [t / world.size for t in step_terms]
-        done = step + 1
-        evaluate_now = done % cfg.eval_every == 0 or done == cfg.steps
-        checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
-        read_now = evaluate_now or checkpoint_now or done % cfg.log_every == 0
-        # The gradient norm stays on the device until read back with the loss terms. Without
-        # clipping it is computed only on steps that are read back (about 5% of a small
-        # model's step): a non-finite gradient elsewhere makes the next loss non-finite, and
-        # checkpoint steps are always read, so a NaN gradient never reaches a checkpoint.
-        if cfg.grad_clip is not None:
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-        elif read_now:
-            grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = nn.utils.get_total_norm(grads, foreach=True)
-        else:
-            grad_norm = unmeasured
-        grad_norm = distributed.whole(grad_norm)
-        optimizer.step()
-        if steps_schedule:
-            scheduler.step()
-        if cache is not None:  # host time: on a GPU it trails the device by a few steps
-            cache.stats.record(cache.last_hit, time.perf_counter() - step_began)
+def _save_checkpoint(
+    checkpoints: Checkpoints,
+    step: int,
+    state: TrainState,
+    cache: TeacherCache | None,
+    bar: Progress,
+) -> None:
+    last_good = checkpoints.last
+    try:
+        if cache is not None:  # before the checkpoint that counts on it
+            cache.save(step)
+        checkpoints.save(step, state)
+    except Exception as exc:  # safetensors reports I/O errors as its own type
+        bar.close()
+        raise CompressorError(_unwritten(step, checkpoints.folder, exc, last_good)) from exc
 
-        pending.append((done, step_terms, grad_norm, float(scheduler.get_last_lr()[0])))
-        if read_now:
-            read_back()
-        bar.advance(done)
-        if evaluate_now:
-            with bar.paused():
-                scores = score(done)
-            seen = {
-                f"{bound.label}/{name}": value
-                for bound in plan.losses
-                for name, value in bound.term.observed().items()
-            }
-            if scores or seen:  # a stage may have no metric of its own (general distillation)
-                log({"step": done, **{f"eval/{k}": v for k, v in scores.items()}, **seen})
-                bar.note(
-                    f"eval at step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-                )
-        if checkpoint_now:
-            with bar.paused():
-                state = {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
-                # the training graph holds the student's weights and what passes added to it
-                try:
-                    if cache is not None:  # before the checkpoint that counts on it
-                        cache.save(done)
-                    if world.size > 1:  # every rank its shards, the optimizer's included
-                        last_good = save_distributed_checkpoint(
-                            checkpoints,
-                            done,
-                            world,
-                            parallel.module,
-                            optimizer,
-                            state,
-                            cfg.keep_checkpoints,
-                        )
-                    else:
-                        state["optimizer"] = optimizer.state_dict()
-                        last_good = save_checkpoint(
-                            checkpoints,
-                            done,
-                            plan.student_graph,
-                            losses,
-                            state,
-                            cfg.keep_checkpoints,
-                        )
-                except Exception as exc:  # safetensors reports I/O errors as its own type
-                    bar.close()
-                    raise CompressorError(_unwritten(done, checkpoints, exc, last_good)) from exc
-    bar.close()
-    parallel.close()  # the trained weights whole in the plain modules, on every rank
-    seconds = time.perf_counter() - began
-    history = world.from_leader(read_metrics(metrics_path) if leader else [])
-    initial = {
+
+def _initial(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The scores logged at step 0, before training."""
+    return {
         k.removeprefix("eval/"): v
         for r in history
         if r["step"] == 0
         for k, v in r.items()
         if k.startswith("eval/")
     }
-    final = scores if start < cfg.steps else score(cfg.steps)  # the last step was evaluated
-    summary = cache.stats.summary() if cache is not None else None
-    return TrainResult(run_dir, cfg.steps, final, initial, history, seconds, summary)
 
 
 def _check_split(plan: DistillPlan, world: distributed.World) -> None:
@@ -418,104 +428,3 @@ def _unwritten(step: int, folder: Path, exc: Exception, last_good: Any) -> str:
         f"writing the checkpoint of step {step} to {folder} failed: {reason}; {kept}. "
         f"Free space (or lift the file-size limit), then {then}"
     )
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """A killed run may have logged past its last checkpoint; resume rewrites those steps."""
-    kept = [r for r in read_metrics(path) if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-class Progress:
-    """Step, loss terms, steady-state rate and ETA. On a terminal a tqdm bar; otherwise (logs,
-    CI) one line every 5% of the steps. The rate leaves out warm-up (the first steps, where
-    kernels compile) and the time spent evaluating and checkpointing."""
-
-    def __init__(self, total: int, start: int, enabled: bool = True):
-        self.total, self.start, self.enabled = total, start, enabled
-        self.tty = sys.stderr.isatty()
-        self.warmup = start + max(1, min(10, (total - start) // 50))
-        self.timed_steps, self.timed_seconds = 0, 0.0
-        self.mark = time.perf_counter()
-        self.began = self.mark
-        self.terms = ""
-        self.last_line = -1
-        self.bar = _Bar(
-            total=total,
-            initial=start,
-            disable=not (enabled and self.tty),
-            file=sys.stderr,
-            unit="step",
-            dynamic_ncols=True,
-            leave=True,
-        )
-
-    def advance(self, step: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if step > self.warmup:
-            self.timed_steps += 1
-            self.timed_seconds += now - self.mark
-        self.mark = now
-        self.bar.steady_rate = self.rate()
-        self.bar.update(1)
-        if not self.tty and (step * 20 // self.total != self.last_line):
-            self.last_line = step * 20 // self.total
-            print(self.line(step), file=sys.stderr, flush=True)
-
-    def rate(self) -> float:
-        """Steady-state steps per second; 0 (shown as '?') until warm-up is over."""
-        return self.timed_steps / self.timed_seconds if self.timed_seconds > 0 else 0.0
-
-    def line(self, step: int) -> str:
-        return tqdm.format_meter(
-            step,
-            self.total,
-            time.perf_counter() - self.began,
-            initial=self.start,
-            unit="step",
-            rate=self.rate(),
-            postfix=self.terms,
-            ncols=0,
-        )
-
-    def show_terms(self, values: dict[str, float]) -> None:
-        self.terms = " ".join(f"{k}={v:.4f}" for k, v in values.items())
-        self.bar.set_postfix_str(self.terms, refresh=False)
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Time spent inside does not count towards the rate."""
-        try:
-            yield
-        finally:
-            self.mark = time.perf_counter()
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            if self.tty:
-                self.bar.write(text, file=sys.stderr)
-            else:
-                print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-class _Bar(tqdm):
-    """tqdm with our steady-state rate in place of its own average (which counts warm-up)."""
-
-    steady_rate = 0.0
-
-    @property
-    def format_dict(self) -> dict[str, Any]:
-        info = dict(super().format_dict)
-        info["rate"] = self.steady_rate
-        return info

@@ -13,10 +13,10 @@ from conftest import DIGITS, FAST_RECIPE, ROOT, TESTS, run_compress, tiny_llama_
 
 from compressor.checkpoint import latest_checkpoint
 from compressor.distributed import World, is_distributed_checkpoint
-from compressor.engine import read_metrics
 from compressor.errors import RecipeError
 from compressor.loading import IGNORE
 from compressor.losses import LossInputs
+from compressor.metrics import read_metrics
 from compressor.pipeline import run
 from compressor.plan import build_plan
 from compressor.recipe import load_recipe

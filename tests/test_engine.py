@@ -13,9 +13,10 @@ from conftest import FAST_RECIPE
 from pydantic import BaseModel
 
 from compressor import hookimpl
-from compressor.engine import batch_indices, read_metrics, train
+from compressor.engine import batch_indices, train
 from compressor.errors import TrainingStopped
 from compressor.losses import LossTerm
+from compressor.metrics import read_metrics
 from compressor.plan import build_plan
 from compressor.recipe import load_recipe
 from compressor.registry import Registry

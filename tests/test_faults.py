@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from compressor.checkpoint import latest_checkpoint
 from compressor.cli import main
-from compressor.engine import read_metrics
+from compressor.metrics import read_metrics
 
 # log every step, so a kill can land on any of them; checkpoints at 10, 20, 30
 RECIPE = FAST_RECIPE.replace("log_every: 5", "log_every: 1")

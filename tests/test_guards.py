@@ -11,7 +11,8 @@ import torch
 from conftest import FAST_RECIPE, TINY
 
 from compressor.cli import main
-from compressor.engine import Divergence, read_metrics
+from compressor.engine import Divergence
+from compressor.metrics import read_metrics
 from compressor.plugins.evaluators import Classification
 from compressor.recipe import DivergenceGuard
 

@@ -14,8 +14,9 @@ from conftest import FAST_RECIPE, tiny_llama_folder
 from compressor import hookimpl
 from compressor.cuda import reference
 from compressor.cuda.sparse import sparse_divergence, top_k_targets
-from compressor.engine import read_metrics, train
+from compressor.engine import train
 from compressor.errors import CompressorError
+from compressor.metrics import read_metrics
 from compressor.pipeline import run
 from compressor.plan import build_plan
 from compressor.recipe import load_recipe
