@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compressor import distributed
 from compressor.errors import CompressorError, RecipeError, RecipeErrors
+from compressor.export import export_check
 from compressor.graph_pass import (
     OUTPUT,
     format_shape,
@@ -19,8 +21,9 @@ from compressor.graph_pass import (
     tapped,
 )
 from compressor.plugin_manager import AUTOLOAD_ENV
-from compressor.recipe import Recipe, load_recipe
-from compressor.recipe_chain import check_teachers, validation
+from compressor.recipe import Recipe
+from compressor.recipe_chain import Chain
+from compressor.recipe_file import load_recipe
 from compressor.registry import Registry
 from compressor.run_folder import check_output
 
@@ -39,6 +42,7 @@ examples:
   compress -p no:myplugin plugins                      disable one plugin
 
 set {AUTOLOAD_ENV}=1 to load only compressor's own plugins (plus any -p NAME).
+--traceback (anywhere) prints, with an error, the traceback that led to it.
 """
 
 COMMANDS = ("run", "validate", "graph", "plugins", "bench")
@@ -129,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     # `-p NAME` and KEY=VALUE overrides may sit anywhere (argparse would let a subcommand's
     # defaults drop a `-p` given before it), so both are taken out before parsing.
     plugins, rest = _take_plugin_options(argv)
+    # --traceback, anywhere: an error also prints the traceback that led to it
+    show_traceback = "--traceback" in rest
+    rest = [a for a in rest if a != "--traceback"]
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     args = build_parser().parse_args([a for a in rest if a not in overrides])
     args.overrides, args.plugins = overrides, plugins
@@ -158,38 +165,47 @@ def main(argv: list[str] | None = None) -> int:
             print(text + f"\nwritten: {out / 'bench.md'}, bench.json, bench.png")
             return 0
         recipe = load_recipe(args.recipe, args.overrides, registry)
+        chain = Chain(recipe, registry)  # the recipes its models come from, resolved once
         if args.command == "validate":
             check_output(recipe)  # what the run would refuse first
-            chain = check_teachers(recipe, registry)
-            with validation():
-                print("\n".join([describe_plan(recipe, registry), *chain]))
+            print(
+                "\n".join([describe_plan(recipe, registry, chain), *check_chain(chain, registry)])
+            )
             return 0
         if args.command == "graph":
-            with validation():
-                text = describe_graphs(recipe, registry)
+            text = describe_graphs(recipe, registry, chain)
             print(text)
             if args.output:
                 args.output.write_text(text + "\n")
             return 0
         if args.nproc is not None:
             return launch(args.nproc, argv)
-        from compressor.pipeline import run
+        from compressor.pipeline import run, run_chain
 
-        summary = run(recipe, registry, args.resume, args.overwrite, not args.quiet, args.overrides)
+        run_chain(chain, registry, not args.quiet)  # recipes not yet run, first
+        summary = run(
+            recipe, registry, args.resume, args.overwrite, not args.quiet, args.overrides, chain
+        )
         if distributed.current().leader:
             print(summarize(summary.report, summary.run_dir))
         return 0
     except (RecipeError, RecipeErrors) as exc:
-        print(f"error{_rank()}: {exc}", file=sys.stderr)
+        _print_error(exc, show_traceback)
         return 2
     except CompressorError as exc:
-        print(f"error{_rank()}: {exc}", file=sys.stderr)
+        _print_error(exc, show_traceback)
         return 1
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
     finally:
         distributed.leave()
+
+
+def _print_error(exc: Exception, show_traceback: bool) -> None:
+    if show_traceback:
+        print("".join(traceback.format_exception(exc)), file=sys.stderr, end="")
+    print(f"error{_rank()}: {exc}", file=sys.stderr)
 
 
 def _rank() -> str:
@@ -251,11 +267,31 @@ def describe_plugins(registry: Registry) -> str:
     return "\n".join(lines)
 
 
-def describe_plan(recipe: Recipe, registry: Registry) -> str:
+def check_chain(chain: Chain, registry: Registry) -> list[str]:
+    """Validate every recipe of the chain not yet run (with the models it takes from other
+    recipes untrained); a line per recipe saying what was found."""
+    from compressor.plan import plan_stages
+
+    lines = []
+    for link in chain.links:
+        where = ".".join(map(str, link.model_at))
+        run_dir = link.finished()
+        if run_dir is not None:
+            lines.append(f"{where}: the finished run {run_dir}")
+            continue
+        plan_stages(link.recipe, registry, chain, untrained_ok=True)
+        lines.append(
+            f"{where}: {link.recipe.path} has not run; it is valid, and `compress` trains it "
+            "first (this recipe was checked with its student untrained)"
+        )
+    return lines
+
+
+def describe_plan(recipe: Recipe, registry: Registry, chain: Chain) -> str:
     from compressor.plan import plan_stages
 
     lines = [f"recipe {recipe.path}: valid"]
-    for name, plan in plan_stages(recipe, registry):
+    for name, plan in plan_stages(recipe, registry, chain, untrained_ok=True):
         if name:
             lines.append(f"stage {name}: {plan.recipe.train.steps} steps")
         lines += _describe_stage(plan)
@@ -285,11 +321,11 @@ def _describe_stage(plan: DistillPlan) -> list[str]:
     return lines
 
 
-def describe_graphs(recipe: Recipe, registry: Registry) -> str:
+def describe_graphs(recipe: Recipe, registry: Registry, chain: Chain) -> str:
     from compressor.plan import plan_stages
 
     out = []
-    for stage, plan in plan_stages(recipe, registry):
+    for stage, plan in plan_stages(recipe, registry, chain, untrained_ok=True):
         out += _describe_graphs(plan, f"stage {stage}: " if stage else "")
     return "\n".join(out)
 
@@ -309,7 +345,7 @@ def _describe_graphs(plan: DistillPlan, prefix: str) -> list[str]:
         out.append(f"{'node':<28} {'op':<14} {'target':<32} {'module':<36} shape")
         for node in gm.graph.nodes:
             target = str(node.target).removeprefix("aten.")
-            shape = _shape_text(node_shape(node))
+            shape = _shape_text(node_shape(node), batch=node.op != "get_attr")
             mark = f"  <- tap {taps[node.name]!r}" if node.name in taps else ""
             out.append(
                 f"{node.name:<28} {node.op:<14} {target[:32]:<32} {node_module_path(node)[:36]:<36} "
@@ -319,13 +355,16 @@ def _describe_graphs(plan: DistillPlan, prefix: str) -> list[str]:
     return out
 
 
-def _shape_text(shape: tuple[Any, ...] | None) -> str:
-    return "" if shape is None else format_shape(shape)
+def _shape_text(shape: tuple[Any, ...] | None, batch: bool = True) -> str:
+    """A value's shape with its batch dimension as N; a weight's (get_attr) as it is."""
+    if shape is None:
+        return ""
+    if not batch:
+        return "[" + ", ".join(str(d) for d in shape) + "]"
+    return format_shape(shape)
 
 
 def summarize(report: dict[str, Any], run_dir: Path) -> str:
-    from compressor.report import export_check
-
     models = report["models"]
     lines = [f"warning: {text}" for text in report.get("warnings", [])]
     lines.append(f"run folder: {run_dir}")

@@ -17,7 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pluggy
+# PROJECT and hookimpl stay importable from here, where plugins have always found them
+from compressor.markers import PROJECT as PROJECT
+from compressor.markers import hookimpl as hookimpl
+from compressor.markers import hookspec
 
 if TYPE_CHECKING:
     import torch
@@ -32,10 +35,6 @@ if TYPE_CHECKING:
     from compressor.module_pass import ModulePass
     from compressor.optim import OptimizerFactory, ScheduleFactory
     from compressor.recipe import Recipe, StagePreset
-
-PROJECT = "compressor"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 # -- recipe ---------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import TensorDataset, default_collate
 
@@ -108,12 +109,40 @@ def call_model(model: Any, inputs: Inputs, **extra: torch.Tensor) -> Any:
     return model(inputs, **extra)
 
 
+class RecipeModels(Protocol):
+    """The recipes a run takes models from (its chain, resolved once before anything runs),
+    as a model loader sees them: `ModelLoader.chain`."""
+
+    untrained_ok: bool  # validate/graph: a recipe not yet run gives its untrained student
+
+    def finished_run(self, file: Path) -> Path | None:
+        """The folder of the recipe's finished run; None while it has not run."""
+
+    def student(self, file: Path) -> nn.Module:
+        """The recipe's student, untrained, built as that recipe builds it (its loader and
+        module passes, the run's registry)."""
+
+
 class ModelLoader(Component[OptionsT]):
     """Builds a model from its options: the keys beside `loader:` in `teacher:`/`student:`.
-    `path` is where those keys sit in the recipe (`("teacher",)`), for located errors."""
+    `path` is where those keys sit in the recipe (`("teacher",)`), for located errors.
+
+    A loader whose model another recipe trains names that recipe in the class method
+    `recipes` (the CLI runs it first) and reaches its run through `chain`, which the plan sets
+    before `load`."""
+
+    chain: RecipeModels | None = None
 
     def load(self, recipe: Recipe, path: KeyPath) -> nn.Module:
         raise NotImplementedError
+
+    @classmethod
+    def recipes(
+        cls, options: BaseModel, recipe: Recipe, path: KeyPath
+    ) -> list[tuple[KeyPath, Path]]:
+        """(where the recipe names it, file) of each recipe whose run the model these
+        (validated) options describe comes from. Asked before any component is built."""
+        return []
 
 
 class DataLoader(Component[OptionsT]):
@@ -214,15 +243,11 @@ def user_frame(exc: BaseException, folder: Path | None = None) -> str | None:
 
 @functools.cache
 def _library_folders() -> tuple[Path, ...]:
-    import compressor.cuda
-    import compressor.passes
-    import compressor.plugins
-
-    ours = [
-        Path(p)
-        for m in (compressor.cuda, compressor.passes, compressor.plugins)
-        for p in m.__path__
+    # the built-ins' folders, found without importing them: the core imports no plugin
+    specs = [
+        importlib.util.find_spec(f"compressor.{name}") for name in ("cuda", "passes", "plugins")
     ]
+    ours = [Path(p) for spec in specs if spec for p in spec.submodule_search_locations or ()]
     stdlib = [sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")]
     return tuple({p.resolve() for p in [*ours, Path(__file__).parent, *map(Path, stdlib)]})
 

@@ -30,11 +30,30 @@ from compressor.export import Artifact, ExportResult
 from compressor.measure import measure
 from compressor.plan import build_plan, plan_stages
 from compressor.recipe import LossSpec, Recipe
-from compressor.recipe_chain import produce_teachers
+from compressor.recipe_chain import Chain
 from compressor.registry import Registry
 from compressor.report import build_report
-from compressor.run_folder import check_output, claim
+from compressor.run_folder import check_output, claim, write_recipe_copy
 from compressor.step import DistillPlan
+
+
+def run_chain(chain: Chain, registry: Registry, progress: bool = True) -> None:
+    """Run every recipe of the chain whose run has not finished, in order, once the whole
+    chain, its top recipe included, is valid: nothing trains for a recipe that would then
+    fail. The top recipe is left to run."""
+    pending = chain.pending()
+    if not pending:
+        return
+    for link in pending:  # every recipe not yet run, then the top one with them untrained
+        plan_stages(link.recipe, registry, chain, untrained_ok=True)
+    plan_stages(chain.top, registry, chain, untrained_ok=True)
+    for link in pending:
+        print(
+            f"{link.named_by.locate(link.model_at)}: this model comes from {link.recipe.path}; "
+            f"training it first (into {link.recipe.run_dir()})",
+            file=sys.stderr,
+        )
+        run(link.recipe, registry, progress=progress, chain=chain)
 
 
 @dataclass
@@ -51,18 +70,17 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     overrides: tuple[str, ...] | list[str] = (),
+    chain: Chain | None = None,
 ) -> RunSummary:
     """plan -> train -> export -> measure -> report, each phase using what the one before
     produced. Everything that can be checked is checked by the plan, before the run folder
-    exists; a failure after that names its phase and leaves its traceback in error.log."""
+    exists; a failure after that names its phase and leaves its traceback in error.log.
+    `chain`: the recipes models come from, their runs finished (`run_chain`)."""
     check_output(recipe)
     # under torchrun: every rank plans and trains; rank 0 alone claims the folder, writes
     # what is shared and does everything after training
     world = distributed.join(recipe.device, recipe.train.distributed.timeout_s)
-    if world.leader:
-        produce_teachers(recipe, registry, progress)  # teachers other recipes train, first
-    world.barrier()
-    stages = plan_stages(recipe, registry)
+    stages = plan_stages(recipe, registry, chain)
     plan = stages[-1][1]
     if recipe.report.baseline and recipe.stages is not None:
         raise RecipeError(
@@ -76,7 +94,7 @@ def run(
     run_dir = recipe.run_dir()
     with claim(run_dir, resume, overwrite) if world.leader else _Follower() as folder:
         if world.leader:
-            _write_recipe_copy(recipe, run_dir, overrides)
+            write_recipe_copy(recipe, run_dir, overrides)
         world.barrier()  # the folder is ready for every rank's checkpoint shards
         try:
             if recipe.stages is None:
@@ -220,21 +238,3 @@ def _log_failure(run_dir: Path, cause: BaseException) -> str:
     except OSError as exc:
         return f"error.log could not be written ({exc.strerror}); the traceback:\n{text}"
     return f"full traceback: {log}"
-
-
-OVERRIDES_HEADER = "\n# command-line overrides:\n"
-
-
-def _write_recipe_copy(
-    recipe: Recipe, run_dir: Path, overrides: tuple[str, ...] | list[str]
-) -> None:
-    text = recipe.path.read_text()
-    if overrides:
-        text += OVERRIDES_HEADER + "".join(f"#   {o}\n" for o in overrides)
-    (run_dir / "recipe.yaml").write_text(text)
-
-
-def recorded_overrides(run_dir: Path) -> list[str]:
-    """The command-line overrides a run was started with, from its recipe copy."""
-    _, header, listed = (run_dir / "recipe.yaml").read_text().partition(OVERRIDES_HEADER)
-    return [line.removeprefix("#   ") for line in listed.splitlines()] if header else []

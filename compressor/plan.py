@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,10 +26,7 @@ from compressor.checks import (
     rehearse,
     report_problems,
 )
-from compressor.errors import (
-    CaptureError,
-    RecipeError,
-)
+from compressor.errors import CaptureError, PluginError, RecipeError
 from compressor.evaluate import EvalContext, Evaluator
 from compressor.export import ExportContext
 from compressor.graph_pass import (
@@ -52,6 +50,7 @@ from compressor.loading import (
 from compressor.losses import BoundLoss
 from compressor.module_pass import ModulePassContext
 from compressor.recipe import Recipe
+from compressor.recipe_chain import Chain, finished_run
 from compressor.recipe_components import (
     ROLES,
     Components,
@@ -77,12 +76,21 @@ def select_device(recipe: Recipe) -> torch.device:
     return torch.device("cuda", world.local_rank) if world.size > 1 else torch.device("cuda")
 
 
-def build_plan(recipe: Recipe, registry: Registry, student: nn.Module | None = None) -> DistillPlan:
+def build_plan(
+    recipe: Recipe,
+    registry: Registry,
+    student: nn.Module | None = None,
+    chain: ChainModels | None = None,
+) -> DistillPlan:
     """Validate and prepare a run. Raises RecipeError(s), PluginError or CaptureError.
 
     `student` continues a student from an earlier stage: it is used as it is, without
-    loading or module passes."""
+    loading or module passes. `chain` is the recipes models come from (resolved here when
+    not given; a recipe not yet run is then an error)."""
+    chain = chain or ChainModels(Chain(recipe, registry), registry)
     components = build_components(recipe, registry, load_student=student is None)
+    for loader in components.model_loaders.values():
+        loader.chain = chain
     report_problems(recipe, registry.pm.hook.compressor_validate_recipe(recipe=recipe))
     device = select_device(recipe)
     data = load_data(recipe, components.data_loader)
@@ -136,16 +144,48 @@ def build_plan(recipe: Recipe, registry: Registry, student: nn.Module | None = N
     return dataclasses.replace(plan, unreached=rehearse(plan))
 
 
-def plan_stages(recipe: Recipe, registry: Registry) -> list[tuple[str, DistillPlan]]:
+def plan_stages(
+    recipe: Recipe, registry: Registry, chain: Chain | None = None, untrained_ok: bool = False
+) -> list[tuple[str, DistillPlan]]:
     """A plan per stage, all before anything runs, so a broken stage writes nothing. Stages
-    share one student module: each stage's graphs compute with its current weights."""
+    share one student module: each stage's graphs compute with its current weights.
+    `untrained_ok` (validate, graph): a model from a recipe not yet run is its untrained
+    student."""
+    models = ChainModels(chain or Chain(recipe, registry), registry, untrained_ok)
     plans: list[tuple[str, DistillPlan]] = []
     student = None
     for name, view in recipe.stage_views():
-        plan = build_plan(view, registry, student)
+        plan = build_plan(view, registry, student, models)
         student = plan.student
         plans.append((name, plan))
     return plans
+
+
+class ChainModels:
+    """The chain's recipes as model loaders see them (`compressor.loading.RecipeModels`)."""
+
+    def __init__(self, chain: Chain, registry: Registry, untrained_ok: bool = False):
+        self.chain, self.registry, self.untrained_ok = chain, registry, untrained_ok
+
+    def finished_run(self, file: Path) -> Path | None:
+        return finished_run(self._recipe(file))
+
+    def student(self, file: Path) -> nn.Module:
+        view = self._recipe(file).stage_views()[0][1]  # stages share the first one's student
+        components = build_components(view, self.registry)
+        for loader in components.model_loaders.values():
+            loader.chain = self
+        data = load_data(view, components.data_loader) if view.module_passes else None
+        _, student = load_models(view, components, None, torch.device("cpu"), data)
+        return student
+
+    def _recipe(self, file: Path) -> Recipe:
+        recipe = self.chain.recipe(file)
+        if recipe is None:
+            raise PluginError(
+                f"a model loader asked for the run of {file}, which its recipes() did not name"
+            )
+        return recipe
 
 
 # -- data and models ----------------------------------------------------------------------------

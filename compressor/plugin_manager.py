@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import traceback
 from dataclasses import dataclass
 from importlib import metadata
 from types import ModuleType
@@ -66,20 +68,13 @@ def make_plugin_manager(
         except Exception as exc:
             raise PluginError(
                 f"plugin {info.name!r} ({info.origin}) failed to import {info.module!r}: "
-                f"{type(exc).__name__}: {exc}\n  disable it with -p no:{info.name} "
-                f"or set {AUTOLOAD_ENV}=1"
+                f"{import_failure(exc)}\n  disable it with -p no:{info.name} "
+                f"or set {AUTOLOAD_ENV}=1; --traceback shows the whole traceback"
             ) from exc
         _register(pm, module, info)
         infos.append(info)
     for name in wanted:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            known = [ep.name for ep in _entry_points()]
-            raise PluginError(
-                f"-p {name}: no plugin entry point or importable module of that name"
-                f"{did_you_mean(name, known)}; entry points: {', '.join(sorted(known))}"
-            ) from exc
+        module = _import_named(name)
         info = PluginInfo(name, name, "-p", "")
         _register(pm, module, info)
         infos.append(info)
@@ -89,6 +84,38 @@ def make_plugin_manager(
         _register(pm, plugin, info)
         infos.append(info)
     return pm, infos
+
+
+def _import_named(name: str) -> object:
+    """`-p NAME` that is no entry point: an importable module of that name."""
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that is not there
+        found = False
+    if not found:
+        known = [ep.name for ep in _entry_points()]
+        raise PluginError(
+            f"-p {name}: no plugin entry point or importable module of that name"
+            f"{did_you_mean(name, known)}; entry points: {', '.join(sorted(known))}"
+        )
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        raise PluginError(
+            f"-p {name}: the module was found but importing it failed: {import_failure(exc)}"
+            "\n  --traceback shows the whole traceback"
+        ) from exc
+
+
+def import_failure(exc: BaseException) -> str:
+    """What went wrong, then where: the file and line of the failing statement (a syntax
+    error's own position)."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"SyntaxError: {exc.msg} (at {exc.filename}:{exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if "importlib" not in f.filename] or frames
+    where = f" (at {user[-1].filename}:{user[-1].lineno})" if user else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def _entry_points() -> list[metadata.EntryPoint]:

@@ -1,63 +1,94 @@
 """Teachers trained by other recipes: `teacher: {recipe: finetune.yaml}`.
 
 A recipe may name another recipe (relative to its own folder) whose trained student is its
-teacher, at the top level or in a stage. `compress` runs that recipe first when its run has
-not finished, and reuses the finished run after; a run made from another version of that
-recipe (or with overrides) is refused rather than silently reused. `compress validate`
+teacher, at the top level or in a stage, or whose student it continues. The CLI resolves the
+chain once, before anything runs (`Chain`): every recipe named, and theirs, loaded once with
+the run's registry, in the order they must run. `compress` runs those whose run has not
+finished, top down, then the recipe asked for; a finished run made from another version of
+its recipe (or with overrides) is refused rather than silently reused. `compress validate`
 checks the whole chain without training: each recipe not yet run is validated, and the
-recipe naming it is validated with that recipe's student untrained (same architecture).
+recipe naming it with that recipe's student untrained (same architecture).
 
-The `recipe` model loader (plugins/loaders.py) builds the named recipe's student, as that
-recipe builds it (loader and module passes), and loads the run's `student.safetensors`.
+Which recipes a model comes from is the model loader's to say (`ModelLoader.recipes`); it
+reaches the chain through `ModelLoader.chain` (`compressor.loading.RecipeModels`), which the
+plan gives it. The built-in `recipe` loader (plugins/loaders.py) is one such loader.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import sys
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from compressor.errors import RecipeError
-from compressor.recipe import ModelSpec, Recipe, load_recipe
+from compressor.recipe import ModelSpec, Recipe
+from compressor.recipe_file import load_recipe
 from compressor.registry import Registry
+from compressor.run_folder import recorded_overrides
 from compressor.yaml_positions import KeyPath
 
-LOADER = "recipe"
-# set while `compress validate` plans: a teacher recipe that has not run yet is then
-# validated with its untrained student instead of being refused
-_VALIDATING: contextvars.ContextVar[bool] = contextvars.ContextVar("validating", default=False)
+
+@dataclass(frozen=True)
+class Link:
+    """A recipe of the chain, and where the recipe that first named it did so: the model
+    (`("teacher",)`) and the option naming the file."""
+
+    recipe: Recipe
+    named_by: Recipe
+    model_at: KeyPath
+    named_at: KeyPath
+
+    def finished(self) -> Path | None:
+        return finished_run(self.recipe)
 
 
-def validating() -> bool:
-    return _VALIDATING.get()
+class Chain:
+    """The recipes a run takes models from, and theirs: each loaded once, ordered so that a
+    recipe comes after every recipe it names. A cycle or a missing file is a located error."""
+
+    def __init__(self, top: Recipe, registry: Registry):
+        self.top = top
+        self.links: list[Link] = []
+        self._add(top, registry, (top.path.resolve(),))
+
+    def _add(self, recipe: Recipe, registry: Registry, trail: tuple[Path, ...]) -> None:
+        for model_at, named_at, path in _named(recipe, registry, trail):
+            if any(link.recipe.path.resolve() == path.resolve() for link in self.links):
+                continue  # named twice (e.g. by two stages): one link, run once
+            source = load_recipe(path, registry=registry)
+            self._add(source, registry, (*trail, path.resolve()))
+            self.links.append(Link(source, recipe, model_at, named_at))
+
+    def recipe(self, file: Path) -> Recipe | None:
+        return next(
+            (k.recipe for k in self.links if k.recipe.path.resolve() == file.resolve()), None
+        )
+
+    def pending(self) -> list[Link]:
+        """The links whose run has not finished, in the order they must run."""
+        return [link for link in self.links if link.finished() is None]
 
 
-@contextlib.contextmanager
-def validation() -> Iterator[None]:
-    token = _VALIDATING.set(True)
-    try:
-        yield
-    finally:
-        _VALIDATING.reset(token)
-
-
-def teacher_recipes(recipe: Recipe) -> list[tuple[KeyPath, Path]]:
-    """(where, recipe file) of every model this recipe takes from another recipe: teachers,
-    and a student that continues another recipe's student."""
+def teacher_recipes(recipe: Recipe, registry: Registry) -> list[tuple[KeyPath, KeyPath, Path]]:
+    """(model, option naming the file, recipe file) of every model this recipe takes from
+    another recipe (teachers, and a student that continues another recipe's student), as each
+    model's loader says."""
     specs: list[tuple[KeyPath, ModelSpec | None]] = [
         (("teacher",), recipe.teacher),
         (("student",), recipe.student),
     ]
     specs += [(("stages", i, "teacher"), s.teacher) for i, s in enumerate(recipe.stages or [])]
-    return [
-        (where, recipe.resolve(str(spec.options["recipe"])))
-        for where, spec in specs
-        if spec is not None and spec.loader == LOADER and "recipe" in spec.options
-    ]
+    found = []
+    for where, spec in specs:
+        if spec is None or spec.from_teacher:
+            continue
+        # the loader's class says, from its validated options: no component is built here
+        loader, options = registry.validated(
+            "model_loader", spec.loader, spec.options, recipe.source, where, (*where, "loader")
+        )
+        found += [(where, at, path) for at, path in loader.recipes(options, recipe, where)]
+    return found
 
 
 def finished_run(source: Recipe) -> Path | None:
@@ -67,8 +98,6 @@ def finished_run(source: Recipe) -> Path | None:
     run_dir = source.run_dir()
     if not ((run_dir / "report.json").is_file() and (run_dir / "student.safetensors").is_file()):
         return None
-    from compressor.pipeline import recorded_overrides
-
     copy = run_dir / "recipe.yaml"
     same = copy.is_file() and yaml.safe_load(copy.read_text()) == yaml.safe_load(
         source.path.read_text()
@@ -85,71 +114,16 @@ def finished_run(source: Recipe) -> Path | None:
     return run_dir
 
 
-def produce_teachers(
-    recipe: Recipe, registry: Registry, progress: bool, chain: tuple[Path, ...] = ()
-) -> None:
-    """Run every teacher recipe of `recipe` (and theirs, first) whose run has not finished,
-    once the whole chain, this recipe included, is valid: nothing trains for a recipe that
-    would then fail."""
-    sources = [
-        (w, p, load_recipe(p, registry=registry)) for w, p in _checked(recipe, registry, chain)
-    ]
-    pending = [(w, p, source) for w, p, source in sources if finished_run(source) is None]
-    if not pending:
-        return
-    if not chain:  # the first recipe checks the chain once, before anything trains
-        from compressor.plan import plan_stages
-
-        check_teachers(recipe, registry)
-        with validation():
-            plan_stages(recipe, registry)
-    for where, path, source in pending:
-        if finished_run(source) is not None:  # named twice (e.g. by two stages): run once
-            continue
-        produce_teachers(source, registry, progress, (*chain, recipe.path.resolve()))
-        print(
-            f"{recipe.locate(where)}: this model comes from {path}; training it first "
-            f"(into {source.run_dir()})",
-            file=sys.stderr,
-        )
-        from compressor.pipeline import run
-
-        run(source, registry, progress=progress)
-
-
-def check_teachers(recipe: Recipe, registry: Registry, chain: tuple[Path, ...] = ()) -> list[str]:
-    """Validate every teacher recipe not yet run (and theirs); lines saying what was found."""
-    from compressor.plan import plan_stages
-
-    lines = []
-    for where, path in _checked(recipe, registry, chain):
-        source = load_recipe(path, registry=registry)
-        run_dir = finished_run(source)
-        if run_dir is not None:
-            lines.append(f"{'.'.join(map(str, where))}: the finished run {run_dir}")
-            continue
-        lines += check_teachers(source, registry, (*chain, recipe.path.resolve()))
-        with validation():
-            plan_stages(source, registry)
-        lines.append(
-            f"{'.'.join(map(str, where))}: {path} has not run; it is valid, and `compress` "
-            "trains it first (this recipe was checked with its student untrained)"
-        )
-    return lines
-
-
-def _checked(
-    recipe: Recipe, registry: Registry, chain: tuple[Path, ...]
-) -> list[tuple[KeyPath, Path]]:
-    found = teacher_recipes(recipe)
-    for where, path in found:
+def _named(
+    recipe: Recipe, registry: Registry, trail: tuple[Path, ...]
+) -> list[tuple[KeyPath, KeyPath, Path]]:
+    found = teacher_recipes(recipe, registry)
+    for _, named_at, path in found:
         if not path.is_file():
+            raise RecipeError(recipe.locate(named_at), f"teacher recipe not found: {path}")
+        if path.resolve() in trail:
             raise RecipeError(
-                recipe.locate((*where, "recipe")), f"teacher recipe not found: {path}"
-            )
-        if path.resolve() in (*chain, recipe.path.resolve()):
-            raise RecipeError(
-                recipe.locate((*where, "recipe")),
+                recipe.locate(named_at),
                 f"{path} is already in this chain of teachers: a recipe cannot teach itself",
             )
     return found

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import pluggy
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from compressor.components import Component
 from compressor.errors import PluginError, RecipeError, RecipeErrors
@@ -245,9 +245,23 @@ class Registry:
         name does (default: the `name` key beside the options); without `source` errors are
         PluginErrors (components the core builds itself, such as `strip`).
         """
+        cls, validated = self.validated(kind, name, options, source, path, name_path)
+        return cls(validated)
+
+    def validated(
+        self,
+        kind: str,
+        name: str,
+        options: dict[str, Any],
+        source: SourceMap | None = None,
+        path: KeyPath = (),
+        name_path: KeyPath | None = None,
+    ) -> tuple[type[Any], BaseModel]:
+        """(the class `name` stands for, `options` validated against its Options model),
+        without building the component; arguments and errors as `create`."""
         cls = self.lookup(kind, name, source, (*path, "name") if name_path is None else name_path)
         try:
-            validated = cls.Options.model_validate(options)
+            return cls, cls.Options.model_validate(options)
         except ValidationError as exc:
             if source is None:
                 raise PluginError(f"{kind} {name!r}: bad options: {exc}") from None
@@ -256,4 +270,3 @@ class Registry:
                 # name the component whose options these are, and what it takes
                 error.args = (f"{error} [{kind.replace('_', ' ')} {name!r}]",)
             raise RecipeErrors(errors) from None
-        return cls(validated)

@@ -85,15 +85,3 @@ def _last_observed(history: list[dict[str, Any]], labels: list[str]) -> dict[str
         if seen:
             return {"step": record["step"], **seen}
     return {}
-
-
-def export_check(entry: dict[str, Any]) -> str:
-    """How an artifact was verified, in words: its metric against fp32 for lossy artifacts,
-    its max abs difference to PyTorch otherwise."""
-    if entry.get("drop") is not None:
-        metric = entry["metric"]
-        return (
-            f"{metric} {entry['int8'][metric]:.4f} against fp32 {entry['fp32'][metric]:.4f} "
-            f"(drop {entry['drop']:.4f}, max_drop {entry['max_drop']:.4f})"
-        )
-    return f"max abs diff {entry['max_abs_diff']:.3g} (tolerance {entry['tolerance']:.3g})"

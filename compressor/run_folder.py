@@ -243,3 +243,21 @@ def _holder(holder: dict[str, Any]) -> str:
         f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')}: "
         f"{holder.get('command')})"
     )
+
+
+OVERRIDES_HEADER = "\n# command-line overrides:\n"
+
+
+def write_recipe_copy(
+    recipe: Recipe, run_dir: Path, overrides: tuple[str, ...] | list[str]
+) -> None:
+    text = recipe.path.read_text()
+    if overrides:
+        text += OVERRIDES_HEADER + "".join(f"#   {o}\n" for o in overrides)
+    (run_dir / "recipe.yaml").write_text(text)
+
+
+def recorded_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides a run was started with, from its recipe copy."""
+    _, header, listed = (run_dir / "recipe.yaml").read_text().partition(OVERRIDES_HEADER)
+    return [line.removeprefix("#   ") for line in listed.splitlines()] if header else []

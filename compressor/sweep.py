@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.pipeline import run
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 from compressor.registry import Registry
 
 

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import fx, nn
 
-from compressor.graph_pass import (
+from compressor.api import (
     GraphPass,
     NodeError,
     PassContext,
     PassResult,
     eliminate_dead_code,
+    hookimpl,
     node_module_path,
     op_name,
     original_output,
@@ -33,9 +34,8 @@ from compressor.graph_pass import (
     set_outputs,
     tapped,
 )
-from compressor.hookspecs import hookimpl
+from compressor.plugins.head_taps import BIAS, HIDDEN, WEIGHT
 
-HIDDEN, WEIGHT, BIAS = "@head_hidden", "@head_weight", "@head_bias"
 _LINEAR_OPS = (torch.ops.aten.linear.default, F.linear, torch._C._nn.linear)
 # ops that only change the logits' dtype: the fused loss computes in fp32 either way
 _CASTS = {"to", "_to_copy", "float", "type_as"}

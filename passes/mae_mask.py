@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import fx
 
-from compressor.graph_pass import (
+from compressor.api import (
     BYPASS,
     INPUT_META,
     SCAFFOLD_META,
@@ -31,12 +31,12 @@ from compressor.graph_pass import (
     PassContext,
     PassResult,
     format_shape,
+    hookimpl,
     module_paths,
     node_module_path,
     node_shape,
     token_grid,
 )
-from compressor.hookspecs import hookimpl
 
 KEEP = "patch_keep"
 

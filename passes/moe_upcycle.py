@@ -36,11 +36,17 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from compressor.api import DataBundle, Problem, Recipe
-from compressor.hookspecs import hookimpl
-from compressor.loading import call_model
-from compressor.module_pass import ModulePass, ModulePassContext
-from compressor.passes.moe_block import (
+from compressor.api import (
+    DataBundle,
+    ModulePass,
+    ModulePassContext,
+    Problem,
+    Recipe,
+    call_model,
+    hookimpl,
+)
+from compressor.plugins.hf import HFModule, decoder_layers
+from compressor.plugins.moe_block import (
     MoEBlock,
     Router,
     channel_linears,
@@ -51,7 +57,6 @@ from compressor.passes.moe_block import (
     scale_output,
     sliced_expert,
 )
-from compressor.plugins.hf import HFModule, decoder_layers
 
 LayerRule = Literal["every_other", "first_half", "second_half", "all"]
 # (label, parent module, attribute names, the FFN as one module) of a chosen FFN

@@ -25,13 +25,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import fx, nn
 
-from compressor.graph_pass import (
+from compressor.api import (
     SCAFFOLD_META,
     GraphPass,
     NodeError,
     PassContext,
     PassResult,
     format_shape,
+    hookimpl,
     module_paths,
     node_shape,
     original_output,
@@ -40,7 +41,6 @@ from compressor.graph_pass import (
     tapped,
     token_grid,
 )
-from compressor.hookspecs import hookimpl
 
 TAP = "@ofa"
 BRANCHES = "ofa_branches"

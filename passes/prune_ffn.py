@@ -18,8 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from compressor.hookspecs import hookimpl
-from compressor.module_pass import ModulePass, ModulePassContext
+from compressor.api import ModulePass, ModulePassContext, hookimpl
 from compressor.plugins.hf import (
     HFModule,
     decoder_layers,

@@ -38,9 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from compressor.hookspecs import hookimpl
-from compressor.loading import IGNORE
-from compressor.module_pass import ModulePass, ModulePassContext
+from compressor.api import IGNORE, ModulePass, ModulePassContext, hookimpl
 from compressor.plugins.hf import VOCAB_MAP, HFModule, mean_pool
 
 SUPPORTED_MODELS = ("WordPiece", "BPE")
@@ -80,34 +78,53 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
     name = "prune_vocab"
 
     def __call__(self, module: nn.Module, context: ModulePassContext) -> nn.Module:
-        if context.role != "student":
-            raise ValueError("prune_vocab rewrites the student only (the teacher keeps its ids)")
-        if not isinstance(module, HFModule) or module.tokenizer is None:
-            raise ValueError(
-                "prune_vocab needs a Hugging Face model with its tokenizer (loader: hf, or "
-                f"student: {{from_teacher: true}}), got {type(module).__name__}"
+        student = _checked_student(module, context)
+        assert context.data is not None
+        causal = student.task == "causal-lm"
+        tokenizer = student.tokenizer
+        counts = self._counts(tokenizer, context)
+        used = {i for i, n in counts.items() if n >= self.options.min_count}
+        keep = self._kept(tokenizer, used, counts)
+        used &= set(keep)
+        old_size = student.hf_model.get_input_embeddings().weight.shape[0]
+        before = sum(p.numel() for p in student.parameters())
+        # the first eval samples, in the teacher's ids: read before and after pruning
+        sample = _eval_sample(context.data, next(student.parameters()).device)
+        held_out = _outputs(student, sample, keep if causal else None)
+        student.tokenizer = prune_tokenizer(tokenizer, keep)
+        _prune_embeddings(student, keep, tokenizer)
+        stand_in = "their first kept piece" if _is_bpe(tokenizer) else "unknown"
+        after = sum(p.numel() for p in student.parameters())
+        kept = set(keep)
+        if causal:  # both models' next-token distributions cover the kept tokens
+            _read_kept_tokens(context, keep, old_size)
+            # text retokenised by its own tokenizer has other positions: compared on the data's
+            moved = (
+                "changes the student's top-1 next token at "
+                f"{_distance(held_out, _outputs(student, sample))} of the positions "
+                f"(dropped tokens read as {stand_in}, as training reads them)"
             )
-        causal = module.task == "causal-lm"
-        if causal and not isinstance(context.teacher, HFModule):
-            raise ValueError(
-                "prune_vocab on a causal LM needs its teacher (a Hugging Face causal LM): the "
-                "teacher's logits are read over the kept tokens"
+        else:
+            own_text = _outputs_of_own_text(student, sample, tokenizer)
+            moved = (
+                f"moves the student's outputs by {_distance(held_out, own_text)} through its own "
+                "tokenizer (dropped words in kept pieces, as the exported folder reads raw "
+                "text), "
+                f"{_distance(held_out, _outputs(student, sample))} with dropped tokens read as "
+                f"{stand_in} (as training reads them)"
             )
-        if module.teacher_id_map is not None:
-            raise ValueError("prune_vocab runs once: this student's vocabulary is pruned already")
-        teacher_tokenizer = getattr(context.teacher, "tokenizer", None)
-        if (
-            teacher_tokenizer is not None
-            and teacher_tokenizer.get_vocab() != module.tokenizer.get_vocab()
-        ):
-            raise ValueError(
-                "prune_vocab keeps the teacher's ids the data use, so the student must start "
-                "with the teacher's tokenizer; theirs differ (a student with student: "
-                "{from_teacher: true}, or a folder with the teacher's tokenizer)"
-            )
-        if context.data is None:
-            raise ValueError("prune_vocab needs the recipe's data: it keeps what the text uses")
-        tokenizer = module.tokenizer
+        context.notes.append(
+            f"prune_vocab: kept {len(keep):,} of {old_size:,} tokens ({len(used):,} of the "
+            f"{len(counts):,} the training text uses; {_share_out(counts, kept)} of its tokens "
+            f"read as {stand_in}); parameters {before:,} -> {after:,} "
+            f"({(before - after) * 4 / 2**20:.1f} MiB less in fp32); on the eval text it covers "
+            f"{_share_in(_token_counts(context.data, 'eval'), kept)} of the tokens and {moved}"
+        )
+        return student
+
+    def _counts(self, tokenizer: Any, context: ModulePassContext) -> dict[int, int]:
+        """How often each token id occurs in the training data and the extra text files."""
+        assert context.data is not None
         counts = _token_counts(context.data, "train")
         for name in self.options.extra_text:
             path = context.folder / name
@@ -119,53 +136,7 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
                 ) from None
             for i in tokenizer(text, add_special_tokens=False)["input_ids"]:
                 counts[i] = counts.get(i, 0) + 1
-        used = {i for i, n in counts.items() if n >= self.options.min_count}
-        keep = self._kept(tokenizer, used, counts)
-        used &= set(keep)
-        old_size = module.hf_model.get_input_embeddings().weight.shape[0]
-        before = sum(p.numel() for p in module.parameters())
-        # the first eval samples, in the teacher's ids: read before and after pruning
-        sample = _eval_sample(context.data, next(module.parameters()).device)
-        held_out = _outputs(module, sample, keep if causal else None)
-        module.tokenizer = prune_tokenizer(tokenizer, keep)
-        _prune_embeddings(module, keep, tokenizer)
-        stand_in = "their first kept piece" if _is_bpe(tokenizer) else "unknown"
-        after = sum(p.numel() for p in module.parameters())
-        kept = set(keep)
-        if causal:  # both models' next-token distributions cover the kept tokens
-            assert isinstance(context.teacher, HFModule)
-            context.teacher.read_logits_over(keep)
-            labels = torch.full((old_size,), IGNORE, dtype=torch.long)
-            labels[torch.tensor(keep)] = torch.arange(len(keep))
-            context.data.target_map = labels
-            context.notes.append(
-                "prune_vocab: the teacher's logits are read over the kept tokens (its "
-                "distribution renormalised over them) and labels are the kept tokens' ids; a "
-                "dropped token is not scored as a label"
-            )
-            # text retokenised by its own tokenizer has other positions: compared on the data's
-            moved = (
-                "changes the student's top-1 next token at "
-                f"{_distance(held_out, _outputs(module, sample))} of the positions "
-                f"(dropped tokens read as {stand_in}, as training reads them)"
-            )
-        else:
-            own_text = _outputs_of_own_text(module, sample, tokenizer)
-            moved = (
-                f"moves the student's outputs by {_distance(held_out, own_text)} through its own "
-                "tokenizer (dropped words in kept pieces, as the exported folder reads raw "
-                "text), "
-                f"{_distance(held_out, _outputs(module, sample))} with dropped tokens read as "
-                f"{stand_in} (as training reads them)"
-            )
-        context.notes.append(
-            f"prune_vocab: kept {len(keep):,} of {old_size:,} tokens ({len(used):,} of the "
-            f"{len(counts):,} the training text uses; {_share_out(counts, kept)} of its tokens "
-            f"read as {stand_in}); parameters {before:,} -> {after:,} "
-            f"({(before - after) * 4 / 2**20:.1f} MiB less in fp32); on the eval text it covers "
-            f"{_share_in(_token_counts(context.data, 'eval'), kept)} of the tokens and {moved}"
-        )
-        return module
+        return counts
 
     def _kept(self, tokenizer: Any, used: set[int], counts: dict[int, int]) -> list[int]:
         """`kept_ids` of the most used tokens that fit `max_tokens` with what every pruned
@@ -190,6 +161,52 @@ class PruneVocab(ModulePass[PruneVocabOptions]):
             mid = (fits + over) // 2
             fits, over = (mid, over) if len(kept(mid)) <= o.max_tokens else (fits, mid)
         return kept(fits)
+
+
+def _checked_student(module: nn.Module, context: ModulePassContext) -> HFModule:
+    """The student, when prune_vocab can prune it: a Hugging Face model with the teacher's
+    tokenizer (and, for a causal LM, a Hugging Face teacher), not pruned yet, with data."""
+    if context.role != "student":
+        raise ValueError("prune_vocab rewrites the student only (the teacher keeps its ids)")
+    if not isinstance(module, HFModule) or module.tokenizer is None:
+        raise ValueError(
+            "prune_vocab needs a Hugging Face model with its tokenizer (loader: hf, or "
+            f"student: {{from_teacher: true}}), got {type(module).__name__}"
+        )
+    if module.task == "causal-lm" and not isinstance(context.teacher, HFModule):
+        raise ValueError(
+            "prune_vocab on a causal LM needs its teacher (a Hugging Face causal LM): the "
+            "teacher's logits are read over the kept tokens"
+        )
+    if module.teacher_id_map is not None:
+        raise ValueError("prune_vocab runs once: this student's vocabulary is pruned already")
+    teacher_tokenizer = getattr(context.teacher, "tokenizer", None)
+    if (
+        teacher_tokenizer is not None
+        and teacher_tokenizer.get_vocab() != module.tokenizer.get_vocab()
+    ):
+        raise ValueError(
+            "prune_vocab keeps the teacher's ids the data use, so the student must start "
+            "with the teacher's tokenizer; theirs differ (a student with student: "
+            "{from_teacher: true}, or a folder with the teacher's tokenizer)"
+        )
+    if context.data is None:
+        raise ValueError("prune_vocab needs the recipe's data: it keeps what the text uses")
+    return module
+
+
+def _read_kept_tokens(context: ModulePassContext, keep: list[int], old_size: int) -> None:
+    """A causal LM: the teacher's logits over the kept tokens, labels in the kept ids."""
+    assert isinstance(context.teacher, HFModule) and context.data is not None
+    context.teacher.read_logits_over(keep)
+    labels = torch.full((old_size,), IGNORE, dtype=torch.long)
+    labels[torch.tensor(keep)] = torch.arange(len(keep))
+    context.data.target_map = labels
+    context.notes.append(
+        "prune_vocab: the teacher's logits are read over the kept tokens (its "
+        "distribution renormalised over them) and labels are the kept tokens' ids; a "
+        "dropped token is not scored as a label"
+    )
 
 
 def kept_ids(

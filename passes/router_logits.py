@@ -14,20 +14,19 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import fx
 
-from compressor.graph_pass import (
+from compressor.api import (
     SCAFFOLD_META,
     GraphPass,
     PassContext,
     PassResult,
+    hookimpl,
     node_shape,
     original_output,
     set_outputs,
     tapped,
 )
-from compressor.hookspecs import hookimpl
-from compressor.passes.moe_block import Router, TopKGates
-
-ROUTER_LOGITS, ROUTER_GATES = "@router_logits", "@router_gates"
+from compressor.plugins.moe_block import Router, TopKGates
+from compressor.plugins.moe_losses import ROUTER_GATES, ROUTER_LOGITS
 
 
 class RouterLogitsOptions(BaseModel):

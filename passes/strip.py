@@ -10,20 +10,20 @@ from __future__ import annotations
 
 from torch import fx
 
-from compressor.components import NoOptions
-from compressor.graph_pass import (
+from compressor.api import (
     BYPASS,
     SCAFFOLD_META,
     GraphPass,
     NodeError,
+    NoOptions,
     PassContext,
     PassResult,
     eliminate_dead_code,
+    hookimpl,
     original_output,
     set_outputs,
     tapped,
 )
-from compressor.hookspecs import hookimpl
 
 
 class Strip(GraphPass[NoOptions]):

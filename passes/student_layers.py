@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from compressor.hookspecs import hookimpl
-from compressor.module_pass import ModulePass, ModulePassContext
+from compressor.api import ModulePass, ModulePassContext, hookimpl
 from compressor.plugins.hf import HFModule, decoder_layers, hf_module, output_change, text_batches
 
 

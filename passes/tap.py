@@ -10,17 +10,17 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 from torch import fx
 
-from compressor.graph_pass import (
+from compressor.api import (
     PROVIDED,
     GraphPass,
     PassContext,
     PassResult,
+    hookimpl,
     original_output,
     resolve_tap,
     set_outputs,
     tapped,
 )
-from compressor.hookspecs import hookimpl
 
 
 class TapOptions(BaseModel):

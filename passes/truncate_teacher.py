@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from torch import fx
 
-from compressor.components import NoOptions
-from compressor.graph_pass import (
+from compressor.api import (
     GraphPass,
+    NoOptions,
     PassContext,
     PassResult,
     eliminate_dead_code,
+    hookimpl,
     original_output,
     set_outputs,
     tapped,
 )
-from compressor.hookspecs import hookimpl
 
 
 class TruncateTeacher(GraphPass[NoOptions]):

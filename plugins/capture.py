@@ -6,8 +6,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from compressor.capture import capture_module
-from compressor.hookspecs import hookimpl
+from compressor.api import capture_module, hookimpl
 
 
 @hookimpl(trylast=True)

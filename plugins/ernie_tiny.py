@@ -14,9 +14,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from compressor.hookspecs import hookimpl
-from compressor.recipe import DataSpec, LossSpec, ModelSpec, PresetStage, StagePreset
-from compressor.yaml_positions import KeyPath
+from compressor.api import (
+    DataSpec,
+    KeyPath,
+    LossSpec,
+    ModelSpec,
+    PresetStage,
+    StagePreset,
+    hookimpl,
+)
 
 # (stage, teacher option, data option, adds the label losses)
 STAGES = [

@@ -18,10 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.components import NoOptions
-from compressor.evaluate import EvalContext, Evaluator
-from compressor.hookspecs import hookimpl
-from compressor.loading import IGNORE, call_model
+from compressor.api import IGNORE, EvalContext, Evaluator, NoOptions, call_model, hookimpl
 from compressor.plugins.hf import mean_pool
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from compressor.module_pass import ModulePassContext
+    from compressor.api import ModulePassContext
 
 # task -> (transformers Auto class, output field, optimum onnxruntime class)
 TASKS: dict[str, tuple[str, str, str]] = {

@@ -21,12 +21,18 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from compressor.capture import OUTPUT_NAME_META
-from compressor.errors import ExportError
-from compressor.export import ExportResult, Runner
-from compressor.graph_pass import eliminate_dead_code
-from compressor.hookspecs import hookimpl
-from compressor.loading import Inputs, batch_size, call_model, to_device
+from compressor.api import (
+    OUTPUT_NAME_META,
+    ExportError,
+    ExportResult,
+    Inputs,
+    Runner,
+    batch_size,
+    call_model,
+    eliminate_dead_code,
+    hookimpl,
+    to_device,
+)
 from compressor.plugins.hf import LOGIT_IDS, TASKS, VOCAB_MAP, HFModule
 from compressor.plugins.hf_moe import (
     checkpoint_model,

@@ -18,9 +18,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import default_collate
 
-from compressor.errors import Problem, RecipeError
-from compressor.hookspecs import hookimpl
-from compressor.loading import IGNORE, Batch, DataBundle, DataLoader, ModelLoader
+from compressor.api import (
+    IGNORE,
+    Batch,
+    DataBundle,
+    DataLoader,
+    DataSpec,
+    KeyPath,
+    ModelLoader,
+    ModelSpec,
+    Problem,
+    Recipe,
+    RecipeError,
+    hookimpl,
+)
 from compressor.plugins.hf import TASKS, HFModule, package_folder
 from compressor.plugins.text_corpora import (
     docstring_families,
@@ -30,8 +41,6 @@ from compressor.plugins.text_corpora import (
     package_sentences,
     prose_sentences,
 )
-from compressor.recipe import DataSpec, ModelSpec, Recipe
-from compressor.yaml_positions import KeyPath
 
 ALLOWED_MODEL = (
     "a model folder (config.json + weights), a .gguf file, or {package: NAME, path: DIR}"

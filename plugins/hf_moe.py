@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.errors import ExportError
-from compressor.passes.moe_block import MoEBlock, mixture
+from compressor.api import ExportError
 from compressor.plugins.hf import decoder_layers
+from compressor.plugins.moe_block import MoEBlock, mixture
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # what a Qwen2-MoE model has that a student may lack, filled so that it adds nothing

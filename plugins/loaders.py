@@ -3,6 +3,7 @@ callable or from scikit-learn's bundled digits images."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,18 +11,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from compressor.errors import RecipeError
-from compressor.hookspecs import hookimpl
-from compressor.loading import (
+from compressor.api import (
     DataBundle,
     DataLoader,
+    DataSpec,
+    KeyPath,
     ModelLoader,
+    PluginError,
+    Recipe,
+    RecipeError,
     call_with_kwargs,
+    hookimpl,
     load_safetensors_weights,
     resolve_callable,
 )
-from compressor.recipe import DataSpec, Recipe, load_recipe
-from compressor.yaml_positions import KeyPath
 
 
 class CallableModelOptions(BaseModel):
@@ -61,28 +64,26 @@ class RecipeModel(ModelLoader[RecipeModelOptions]):
 
     name = "recipe"
 
-    def load(self, recipe: Recipe, path: KeyPath) -> nn.Module:
-        from compressor import recipe_chain
-        from compressor.plan import load_data, load_models
-        from compressor.recipe_components import build_components
-        from compressor.registry import Registry
+    @classmethod
+    def recipes(
+        cls, options: BaseModel, recipe: Recipe, path: KeyPath
+    ) -> list[tuple[KeyPath, Path]]:
+        assert isinstance(options, RecipeModelOptions)  # the registry validated them so
+        return [((*path, "recipe"), recipe.resolve(options.recipe))]
 
+    def load(self, recipe: Recipe, path: KeyPath) -> nn.Module:
         file = recipe.resolve(self.options.recipe)
-        if not file.is_file():
-            raise RecipeError(recipe.locate((*path, "recipe")), f"teacher recipe not found: {file}")
-        source = load_recipe(file)
-        run_dir = recipe_chain.finished_run(source)
-        if run_dir is None and not recipe_chain.validating():
+        chain = self.chain
+        if chain is None:
+            raise PluginError(f"the recipe loader at {recipe.locate(path)} was not given its chain")
+        run_dir = chain.finished_run(file)
+        if run_dir is None and not chain.untrained_ok:
             raise RecipeError(
                 recipe.locate((*path, "recipe")),
-                f"this model is the student of {file}, whose run {source.run_dir()} has not "
-                "finished",
+                f"this model is the student of {file}, whose run has not finished",
                 f"compress {recipe.path} (it trains {file.name} first), or compress {file}",
             )
-        view = source.stage_views()[0][1]  # stages share the first stage's student
-        components = build_components(view, Registry.load())
-        data = load_data(view, components.data_loader) if view.module_passes else None
-        _, student = load_models(view, components, None, torch.device("cpu"), data)
+        student = chain.student(file)
         if run_dir is not None:
             weights = run_dir / "student.safetensors"
             load_safetensors_weights(student, weights, recipe, (*path, "recipe"))

@@ -10,12 +10,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from compressor.api import IGNORE, LossInputs, LossTerm, Shapes, format_shape, hookimpl, token_grid
 from compressor.cuda import kernels, sparse
-from compressor.graph_pass import format_shape, token_grid
-from compressor.hookspecs import hookimpl
-from compressor.loading import IGNORE
-from compressor.losses import LossInputs, LossTerm, Shapes
-from compressor.passes import fused_head
+from compressor.plugins import head_taps
 
 # the teacher's sparse targets, as a teacher cache with top_k keeps them for `kd`
 TOP_INDEX, TOP_LOG_PROB, TAIL = "@top_k_index", "@top_k_log_prob", "@top_k_tail"
@@ -55,17 +52,17 @@ class LogitKD(LossTerm[KDOptions]):
 
     def reads(self) -> dict[str, list[str]]:
         if self.options.fused_head:
-            return {role: [fused_head.HIDDEN, fused_head.WEIGHT] for role in ("student", "teacher")}
+            return {role: [head_taps.HIDDEN, head_taps.WEIGHT] for role in ("student", "teacher")}
         return {"student": [self.options.student], "teacher": [self.options.teacher]}
 
     per_token = False  # over [B, T, V] logits (or a fused head's [B, T, H] inputs)
 
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
         o = self.options
-        read = student_shapes[fused_head.HIDDEN if o.fused_head else o.student]
+        read = student_shapes[head_taps.HIDDEN if o.fused_head else o.student]
         self.per_token = read is not None and len(read) == 3
         if o.fused_head:  # head weights are [V, H]
-            s, t = student_shapes[fused_head.WEIGHT], teacher_shapes[fused_head.WEIGHT]
+            s, t = student_shapes[head_taps.WEIGHT], teacher_shapes[head_taps.WEIGHT]
             s, t = (shape[:1] if shape else None for shape in (s, t))
         else:
             s, t = student_shapes[o.student], teacher_shapes[o.teacher]
@@ -83,8 +80,8 @@ class LogitKD(LossTerm[KDOptions]):
         temperature and the log-mass of the rest."""
         o, values = self.options, dict(teacher)
         if o.fused_head:
-            hidden = values.pop(fused_head.HIDDEN)
-            weight, bias = values.pop(fused_head.WEIGHT), values.pop(fused_head.BIAS, None)
+            hidden = values.pop(head_taps.HIDDEN)
+            weight, bias = values.pop(head_taps.WEIGHT), values.pop(head_taps.BIAS, None)
             targets = sparse.top_k_targets(hidden, top_k, o.temperature, weight, bias)
         else:
             hidden = values.pop(o.teacher)
@@ -122,14 +119,14 @@ class LogitKD(LossTerm[KDOptions]):
 
     def _fused(self, inputs: LossInputs) -> torch.Tensor:
         s, t = inputs.student, inputs.teacher
-        hidden = s[fused_head.HIDDEN]
+        hidden = s[head_taps.HIDDEN]
         return kernels.linear_divergence(
             hidden,
-            s[fused_head.WEIGHT],
-            t[fused_head.HIDDEN],
-            t[fused_head.WEIGHT],
-            student_bias=s.get(fused_head.BIAS),
-            teacher_bias=t.get(fused_head.BIAS),
+            s[head_taps.WEIGHT],
+            t[head_taps.HIDDEN],
+            t[head_taps.WEIGHT],
+            student_bias=s.get(head_taps.BIAS),
+            teacher_bias=t.get(head_taps.BIAS),
             **self._divergence(hidden, inputs),
             impl=self.options.impl,
         )
@@ -138,13 +135,13 @@ class LogitKD(LossTerm[KDOptions]):
         """Against the cached teacher's sparse targets (teacher_cache.top_k)."""
         o, s, t = self.options, inputs.student, inputs.teacher
         targets = sparse.SparseTargets(t[TOP_INDEX], t[TOP_LOG_PROB], t[TAIL])
-        student = s[fused_head.HIDDEN] if o.fused_head else s[o.student]
+        student = s[head_taps.HIDDEN] if o.fused_head else s[o.student]
         return sparse.sparse_divergence(
             student,
             targets,
             **self._divergence(student, inputs),
-            weight=s[fused_head.WEIGHT] if o.fused_head else None,
-            bias=s.get(fused_head.BIAS) if o.fused_head else None,
+            weight=s[head_taps.WEIGHT] if o.fused_head else None,
+            bias=s.get(head_taps.BIAS) if o.fused_head else None,
         )
 
 

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from compressor.hookspecs import hookimpl
-from compressor.losses import LossInputs, LossTerm
-from compressor.passes.router_logits import ROUTER_GATES, ROUTER_LOGITS
+from compressor.api import LossInputs, LossTerm, hookimpl
+
+# the taps the router_logits pass provides: every MoE router's logits and top-k gates, stacked
+# [blocks, tokens, experts]
+ROUTER_LOGITS, ROUTER_GATES = "@router_logits", "@router_gates"
 
 
 class BalanceOptions(BaseModel):

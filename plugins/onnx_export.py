@@ -16,11 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import fx, nn
 from torch.export import Dim
 
-from compressor.capture import OUTPUT_NAME_META
-from compressor.errors import ExportError
-from compressor.export import Exporter, ExportResult, Runner
-from compressor.hookspecs import hookimpl
-from compressor.loading import Inputs, batch_size, call_model, to_device
+from compressor.api import (
+    OUTPUT_NAME_META,
+    Exporter,
+    ExportError,
+    ExportResult,
+    Inputs,
+    Runner,
+    batch_size,
+    call_model,
+    hookimpl,
+    to_device,
+)
 
 
 class ONNXOptions(BaseModel):

@@ -26,9 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import fx, nn
 
-from compressor.export import Exporter, ExportResult, Runner
-from compressor.hookspecs import hookimpl
-from compressor.loading import Inputs, batch_size
+from compressor.api import Exporter, ExportResult, Inputs, Runner, batch_size, hookimpl
 from compressor.plugins.onnx_export import (
     export_onnx,
     ort_feeds,

@@ -9,8 +9,7 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from compressor.hookspecs import hookimpl
-from compressor.optim import OptimizerFactory, ScheduleFactory
+from compressor.api import OptimizerFactory, ScheduleFactory, hookimpl
 
 # torch's fused kernels update every parameter in one op call, where its default on a CPU
 # takes a few per parameter (AdamW on the engine bench's 2-layer MLP: 80 us a step, not 187)

@@ -26,15 +26,23 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import default_collate
 
-from compressor.components import NoOptions
-from compressor.errors import RecipeError
-from compressor.evaluate import Evaluator
-from compressor.hookspecs import hookimpl
-from compressor.loading import IGNORE, Batch, DataBundle, DataLoader, call_model
-from compressor.losses import LossInputs, LossTerm
+from compressor.api import (
+    IGNORE,
+    Batch,
+    DataBundle,
+    DataLoader,
+    DataSpec,
+    Evaluator,
+    LossInputs,
+    LossTerm,
+    NoOptions,
+    Recipe,
+    RecipeError,
+    call_model,
+    hookimpl,
+)
 from compressor.plugins.hf_loaders import hf_options, load_tokenizer, model_location, trim_columns
 from compressor.plugins.text_corpora import prose_sentences
-from compressor.recipe import DataSpec, Recipe
 
 TASK = "preference"
 

@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compressor.hookspecs import hookimpl
-from compressor.measure import GENERATED_TOKENS, PROMPT_TOKENS
-from compressor.report import export_check
+from compressor.api import GENERATED_TOKENS, PROMPT_TOKENS, export_check, hookimpl
 
 
 @hookimpl
@@ -49,8 +47,6 @@ def _cache_line(cache: dict[str, Any]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    models = report["models"]
-    roles = [r for r in ("teacher", "student", "baseline") if r in models]
     lines = [f"# {report['name']}: distillation report", ""]
     lines += [f"> **Warning:** {text}." for text in report.get("warnings", [])]
     if report.get("warnings"):
@@ -64,24 +60,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     cache = report.get("teacher_cache")
     if cache:
         lines += ["", _cache_line(cache)]
-    lines += [
-        "",
-        "## Quality (eval set)",
-        "",
-        "| model | " + " | ".join(k for k in models["student"]["quality"]) + " |",
-        "|---" * (1 + len(models["student"]["quality"])) + "|",
-    ]
-    keys = list(models["student"]["quality"])
-    rows = [(role, models[role]["quality"]) for role in roles]
-    before = models["student"].get("initial_quality")
-    if before:
-        rows.insert(roles.index("student"), ("student before training", before))
-    for role, q in rows:
-        label = "student without teacher (baseline)" if role == "baseline" else role
-        lines.append(f"| {label} | " + " | ".join(_fmt(q.get(k)) for k in keys) + " |")
-    if "distillation_gain" in report and "accuracy" in report["distillation_gain"]:
-        gain = report["distillation_gain"]["accuracy"]
-        lines += ["", f"Distillation gain over the baseline: {gain * 100:+.2f} accuracy points."]
+    lines += _quality_lines(report)
     if report.get("stages"):
         lines += _stage_lines(report["stages"])
     observed = report.get("observed")
@@ -94,7 +73,47 @@ def render_markdown(report: dict[str, Any]) -> str:
     notes = report.get("pass_notes")
     if notes:
         lines += ["", "## What the passes did", ""] + [f"- {note}" for note in notes]
-    lines += ["", "## Size and latency", ""]
+    lines += _size_lines(report)
+    lines += _deployment_lines(report)
+    lines += ["", "## Exports", ""]
+    for e in report["exports"]:
+        verdict = "verified" if e["ok"] else "FAILED"
+        lines.append(
+            f"- {e.get('label', e['exporter'])}: `{e['path']}`: {export_check(e)} {verdict}"
+        )
+    lines += ["", "![training curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _quality_lines(report: dict[str, Any]) -> list[str]:
+    """Each model's metrics on the eval set (the student before training too), and the gain."""
+    models = report["models"]
+    roles = [r for r in ("teacher", "student", "baseline") if r in models]
+    keys = list(models["student"]["quality"])
+    lines = [
+        "",
+        "## Quality (eval set)",
+        "",
+        "| model | " + " | ".join(keys) + " |",
+        "|---" * (1 + len(keys)) + "|",
+    ]
+    rows = [(role, models[role]["quality"]) for role in roles]
+    before = models["student"].get("initial_quality")
+    if before:
+        rows.insert(roles.index("student"), ("student before training", before))
+    for role, q in rows:
+        label = "student without teacher (baseline)" if role == "baseline" else role
+        lines.append(f"| {label} | " + " | ".join(_fmt(q.get(k)) for k in keys) + " |")
+    if "distillation_gain" in report and "accuracy" in report["distillation_gain"]:
+        gain = report["distillation_gain"]["accuracy"]
+        lines += ["", f"Distillation gain over the baseline: {gain * 100:+.2f} accuracy points."]
+    return lines
+
+
+def _size_lines(report: dict[str, Any]) -> list[str]:
+    """Parameters, weights, files and latency per runtime and batch; experts; the ratio."""
+    models = report["models"]
+    lines = ["", "## Size and latency", ""]
     sized = [r for r in ("teacher", "student") if r in models]
     header = ["model", "parameters", "weights"]
     runtimes = sorted({rt for r in sized for rt in models[r]["latency_ms"]})
@@ -128,15 +147,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"The student has {report['compression']['parameter_ratio']:.1f}x fewer parameters.",
         ]
-    lines += _deployment_lines(report)
-    lines += ["", "## Exports", ""]
-    for e in report["exports"]:
-        verdict = "verified" if e["ok"] else "FAILED"
-        lines.append(
-            f"- {e.get('label', e['exporter'])}: `{e['path']}`: {export_check(e)} {verdict}"
-        )
-    lines += ["", "![training curves](curves.png)", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _deployment_lines(report: dict[str, Any]) -> list[str]:

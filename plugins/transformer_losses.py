@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from compressor.hookspecs import hookimpl
-from compressor.losses import LossInputs, LossTerm, Shapes
+from compressor.api import LossInputs, LossTerm, Shapes, hookimpl
 from compressor.plugins.hf import mean_pool
 
 

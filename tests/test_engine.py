@@ -18,7 +18,7 @@ from compressor.errors import TrainingStopped
 from compressor.losses import LossTerm
 from compressor.metrics import read_metrics
 from compressor.plan import build_plan
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 from compressor.registry import Registry
 
 

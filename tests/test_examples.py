@@ -7,10 +7,11 @@ import importlib.util
 import pytest
 from conftest import DIGITS, ROOT
 
+from compressor.cli import check_chain
 from compressor.graph_pass import tapped
 from compressor.plan import build_plan, plan_stages
-from compressor.recipe import load_recipe
-from compressor.recipe_chain import check_teachers, validation
+from compressor.recipe_chain import Chain
+from compressor.recipe_file import load_recipe
 
 # examples/plugin's recipe needs its plugin installed: test_plugin_example.py installs it and
 # validates and runs that recipe.
@@ -43,9 +44,9 @@ def test_shipped_recipe_validates_and_says_how_to_run_it(path, registry):
     recipe = load_recipe(path)
     # a teacher another recipe trains is validated as `compress validate` does: that recipe
     # checked too, and this one with its student untrained when it has not run
-    check_teachers(recipe, registry)
-    with validation():
-        stages = plan_stages(recipe, registry)
+    chain = Chain(recipe, registry)
+    check_chain(chain, registry)
+    stages = plan_stages(recipe, registry, chain, untrained_ok=True)
     for _, plan in stages:  # every tensor a loss reads is a node of its graph
         graphs = {"student": plan.student_graph, "teacher": plan.teacher_graph}
         for bound in plan.losses:

@@ -14,7 +14,7 @@ from compressor.errors import CompressorError
 from compressor.pipeline import run
 from compressor.plan import build_plan
 from compressor.plugins.losses import KDOptions
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 
 transformers = pytest.importorskip("transformers")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv", "soft_ce")

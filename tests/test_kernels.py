@@ -14,7 +14,7 @@ from compressor.cuda import chunked, kernels, reference
 from compressor.cuda.rowwise import divergence_rows_and_grad, weighted_rows_and_grad
 from compressor.engine import train
 from compressor.plan import build_plan
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 from compressor.registry import Registry
 
 DTYPES = [torch.float32, torch.bfloat16]

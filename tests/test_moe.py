@@ -15,12 +15,12 @@ from torch import nn
 from compressor.capture import capture_module
 from compressor.errors import CaptureError, RecipeError, RecipeErrors
 from compressor.module_pass import ModulePassContext
-from compressor.passes.moe_block import MoEBlock
 from compressor.passes.moe_upcycle import MoERouting, MoEUpcycle, MoEUpcycleOptions
 from compressor.pipeline import run
 from compressor.plan import build_plan
 from compressor.plugins.hf import HFModule
-from compressor.recipe import load_recipe
+from compressor.plugins.moe_block import MoEBlock
+from compressor.recipe_file import load_recipe
 
 transformers = pytest.importorskip("transformers")
 SIZES = dict(

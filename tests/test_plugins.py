@@ -19,7 +19,7 @@ from compressor.graph_pass import GraphPass, PassResult
 from compressor.module_pass import ModulePass
 from compressor.plan import build_plan
 from compressor.plugin_manager import AUTOLOAD_ENV
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 from compressor.registry import Registry
 
 BUILTIN = {

@@ -18,7 +18,7 @@ from compressor.losses import LossInputs
 from compressor.pipeline import run
 from compressor.plan import build_plan
 from compressor.plugins.preference import DPO, DPOOptions, collate_pairs, response_logprobs
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 
 pytest.importorskip("transformers")
 

@@ -16,7 +16,7 @@ from compressor.passes.prune_ffn import PruneFFN, PruneFFNOptions, feed_forward
 from compressor.pipeline import run
 from compressor.plan import build_plan
 from compressor.plugins.hf import HFModule, decoder_layers
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 
 
 class _Batches:

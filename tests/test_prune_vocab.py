@@ -18,7 +18,7 @@ from compressor.passes.prune_vocab import kept_ids, prune_tokenizer
 from compressor.pipeline import run
 from compressor.plan import build_plan
 from compressor.plugins.hf import VOCAB_MAP, HFModule
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 
 transformers = pytest.importorskip("transformers")
 

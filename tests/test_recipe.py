@@ -8,7 +8,7 @@ from conftest import FAST_RECIPE, TINY
 from compressor.cli import main
 from compressor.errors import RecipeError, RecipeErrors
 from compressor.plan import build_plan
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 
 
 def _error(path, registry=None, overrides=()) -> str:

@@ -12,7 +12,7 @@ from conftest import TINY
 from compressor.cli import main
 from compressor.errors import RecipeError
 from compressor.plan import build_plan
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 
 # the teacher: an MLP trained on labels alone
 TEACHER = f"""\

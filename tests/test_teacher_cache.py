@@ -19,7 +19,7 @@ from compressor.errors import CompressorError
 from compressor.metrics import read_metrics
 from compressor.pipeline import run
 from compressor.plan import build_plan
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 from compressor.registry import Registry
 from compressor.teacher_cache import CacheLayout, TeacherCache
 

@@ -29,10 +29,10 @@ from compressor.errors import CompressorError
 from compressor.export import Exporter
 from compressor.loading import Inputs, to_device
 from compressor.measure import latency_inputs, torch_runner, warm
-from compressor.pipeline import recorded_overrides
 from compressor.plan import plan_stages
-from compressor.recipe import load_recipe
+from compressor.recipe_file import load_recipe
 from compressor.registry import Registry
+from compressor.run_folder import recorded_overrides
 from compressor.step import DistillPlan
 
 BACKENDS = ("pytorch", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")

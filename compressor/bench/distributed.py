@@ -58,7 +58,7 @@ def memory_worker(strategy: str) -> dict[str, Any]:
     from compressor import distributed
     from compressor.distributed import Parallel
     from compressor.plan import build_plan
-    from compressor.recipe import load_recipe
+    from compressor.recipe_file import load_recipe
     from compressor.registry import Registry
     from compressor.step import backward
 

@@ -176,7 +176,7 @@ def _interleaved(plan: Any, folder: Path, steps: int) -> tuple[Clock, Clock, nn.
 
 def _plan(steps: int, folder: Path, fused: bool | None = None) -> Any:
     from compressor.plan import build_plan
-    from compressor.recipe import load_recipe
+    from compressor.recipe_file import load_recipe
     from compressor.registry import Registry
 
     path = folder / "recipe.yaml"

@@ -66,7 +66,7 @@ def measure(variant: str, reps: int) -> dict[str, Any]:
     import torch
 
     from compressor.plan import build_plan
-    from compressor.recipe import load_recipe
+    from compressor.recipe_file import load_recipe
     from compressor.registry import Registry
     from compressor.step import backward
     from compressor.teacher_cache import TeacherCache

@@ -23,8 +23,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from compressor.recipe import load_recipe
-from compressor.recipe_chain import produce_teachers
+from compressor.pipeline import run_chain
+from compressor.recipe_chain import Chain
+from compressor.recipe_file import load_recipe
 from compressor.registry import Registry
 from compressor.sweep import ArmResult, arm_table, run_one, write_summary
 
@@ -81,7 +82,7 @@ def main() -> None:
 
     # the recipe's task teacher is finetune.yaml's student: trained once, reused by every arm
     recipe = load_recipe(HERE / "recipe.yaml", registry=registry)
-    produce_teachers(recipe, registry, True)
+    run_chain(Chain(recipe, registry), registry)
     teacher_run = load_recipe(HERE / "finetune.yaml").run_dir()
     teacher = json.loads((teacher_run / "report.json").read_text())
     teacher_accuracy = teacher["models"]["student"]["quality"]["accuracy"]
