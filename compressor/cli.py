@@ -274,16 +274,17 @@ def check_chain(chain: Chain, registry: Registry) -> list[str]:
 
     lines = []
     for link in chain.links:
-        where = ".".join(map(str, link.model_at))
+        places = [".".join(map(str, at)) for at in (link.model_at, *link.also_at)]
         run_dir = link.finished()
         if run_dir is not None:
-            lines.append(f"{where}: the finished run {run_dir}")
+            lines += [f"{where}: the finished run {run_dir}" for where in places]
             continue
-        plan_stages(link.recipe, registry, chain, untrained_ok=True)
-        lines.append(
+        plan_stages(link.recipe, registry, chain, untrained_ok=True)  # once, however named
+        lines += [
             f"{where}: {link.recipe.path} has not run; it is valid, and `compress` trains it "
             "first (this recipe was checked with its student untrained)"
-        )
+            for where in places
+        ]
     return lines
 
 

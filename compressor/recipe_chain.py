@@ -16,7 +16,7 @@ plan gives it. The built-in `recipe` loader (plugins/loaders.py) is one such loa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -29,15 +29,17 @@ from compressor.run_folder import recorded_overrides
 from compressor.yaml_positions import KeyPath
 
 
-@dataclass(frozen=True)
+@dataclass
 class Link:
     """A recipe of the chain, and where the recipe that first named it did so: the model
-    (`("teacher",)`) and the option naming the file."""
+    (`("teacher",)`) and the option naming the file. `also_at`: the models of the naming
+    recipe that name it again (e.g. several stages' teachers)."""
 
     recipe: Recipe
     named_by: Recipe
     model_at: KeyPath
     named_at: KeyPath
+    also_at: list[KeyPath] = field(default_factory=list)
 
     def finished(self) -> Path | None:
         return finished_run(self.recipe)
@@ -54,8 +56,11 @@ class Chain:
 
     def _add(self, recipe: Recipe, registry: Registry, trail: tuple[Path, ...]) -> None:
         for model_at, named_at, path in _named(recipe, registry, trail):
-            if any(link.recipe.path.resolve() == path.resolve() for link in self.links):
-                continue  # named twice (e.g. by two stages): one link, run once
+            known = [k for k in self.links if k.recipe.path.resolve() == path.resolve()]
+            if known:  # named twice (e.g. by two stages): one link, run once
+                if known[0].named_by is recipe:
+                    known[0].also_at.append(model_at)
+                continue
             source = load_recipe(path, registry=registry)
             self._add(source, registry, (*trail, path.resolve()))
             self.links.append(Link(source, recipe, model_at, named_at))
