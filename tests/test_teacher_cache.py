@@ -174,6 +174,7 @@ losses:
 {extra}teacher_cache: {cache}
 train: {{steps: 12, log_every: 1, eval_every: 12, checkpoint_every: 6, optimizer: {{name: adamw, lr: 0.01}}}}
 export: []
+report: {{latency_batches: [2], latency_repeats: 1}}
 """)
     return path
 
