@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -48,12 +49,16 @@ def run_chain(chain: Chain, registry: Registry, progress: bool = True) -> None:
         plan_stages(link.recipe, registry, chain, untrained_ok=True)
     plan_stages(chain.top, registry, chain, untrained_ok=True)
     for link in pending:
-        print(
-            f"{link.named_by.locate(link.model_at)}: this model comes from {link.recipe.path}; "
-            f"training it first (into {link.recipe.run_dir()})",
-            file=sys.stderr,
-        )
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs it; one says so
+            print(
+                f"{link.named_by.locate(link.model_at)}: this model comes from "
+                f"{link.recipe.path}; training it first (into {link.recipe.run_dir()})",
+                file=sys.stderr,
+            )
         run(link.recipe, registry, progress=progress, chain=chain)
+        # rank 0 exports and reports after the others have trained: the run is finished for
+        # every rank before any plans with it
+        distributed.current().barrier()
 
 
 @dataclass
