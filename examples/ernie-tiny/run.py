@@ -144,7 +144,23 @@ def main() -> None:
     general, task = sizes[0], sizes[3]
     ratio = general["train_tokens"] / task["train_tokens"]
     data |= {"general_data": general, "task_data": task, "general_to_task_tokens": ratio}
-    intro = [
+    intro = _intro(general, task, ratio, teacher_accuracy, steps, args.seeds)
+    write_summary(
+        args.out / "report", "ERNIE-Tiny stages on docstring families", intro + sections, data
+    )
+    print((args.out / "report.md").read_text())
+
+
+def _intro(
+    general: dict[str, Any],
+    task: dict[str, Any],
+    ratio: float,
+    teacher_accuracy: float,
+    steps: list[int],
+    seeds: list[int],
+) -> list[str]:
+    """The report's opening: the task, the teacher, the general corpus, the arms."""
+    return [
         "Task: which standard-library family a docstring comes from (6 classes, "
         f"{task['train_samples']} docstrings to train on, {task['eval_samples']} held out). "
         f"Task teacher: all-MiniLM-L6-v2 fine-tuned on the same {task['train_samples']}, "
@@ -153,13 +169,9 @@ def main() -> None:
         f"prose without the task's docstrings, {general['train_tokens']:,} tokens against the "
         f"task's {task['train_tokens']:,} ({ratio:.1f}x).",
         f"Steps per stage in (a): {', '.join(f'{n} {s}' for n, s in zip(steps, STAGES, strict=True))}; "
-        f"seeds {', '.join(map(str, args.seeds))}. Accuracy on the held-out docstrings.",
+        f"seeds {', '.join(map(str, seeds))}. Accuracy on the held-out docstrings.",
         "",
     ]
-    write_summary(
-        args.out / "report", "ERNIE-Tiny stages on docstring families", intro + sections, data
-    )
-    print((args.out / "report.md").read_text())
 
 
 if __name__ == "__main__":
