@@ -366,8 +366,10 @@ def compressor_module_passes() -> list[type]:
 def compressor_validate_models(
     recipe: Recipe, teacher: nn.Module | None, student: nn.Module, data: DataBundle
 ) -> list[Problem]:
-    """Hugging Face sparse MoE blocks left after the module passes would fail capture deep in
-    torch.export ("could not guard on data-dependent expression"): say so, with the fix."""
+    """Hugging Face sparse MoE blocks left after the module passes route with data-dependent
+    shapes (transformers 4's fail capture deep in torch.export: "could not guard on
+    data-dependent expression"), and router taps and export read `MoEBlock`s: say so, with
+    the fix."""
     problems = []
     for role, model in (("teacher", teacher), ("student", student)):
         blocks = [path for path, m in model.named_modules() if is_hf_moe_block(m)] if model else []
@@ -376,8 +378,9 @@ def compressor_validate_models(
             problems.append(
                 Problem(
                     f"the {role} has {len(blocks)} Hugging Face sparse MoE block(s) ({kind} at "
-                    f"{blocks[0]}, ...), whose expert loop has data-dependent shapes that "
-                    "torch.export and symbolic tracing cannot capture",
+                    f"{blocks[0]}, ...), whose expert loop indexes the tokens each expert was "
+                    "given: data-dependent shapes that transformers 4's torch.export capture "
+                    "fails on, and that router losses and export here do not read",
                     (role,),
                     "module_passes: [{name: moe_routing, target: both}] swaps them for the "
                     "export-safe block with the same outputs (target: "

@@ -1,18 +1,18 @@
 """`hf`: a Hugging Face model folder that optimum.onnxruntime loads like any HF ONNX export.
 
 The folder holds `model.onnx` (inputs named like the HF forward's arguments, output named
-as HF does: `last_hidden_state` or `logits`, dynamic batch and sequence axes),
-`config.json`, the tokenizer files, and the PyTorch weights (`model.safetensors`), so it is
-also a transformers model folder: a later recipe can load it as a teacher. It is verified
-twice: in onnxruntime directly, and through optimum's ORTModel class for the task.
+as HF does: `last_hidden_state` or `logits`, dynamic batch and sequence axes; a causal LM's
+decoder also reads and returns its key/value cache), `config.json`, the tokenizer files,
+and the PyTorch weights (`model.safetensors`), so it is also a transformers model folder: a
+later recipe can load it as a teacher. Every ONNX file is written from the student graph
+and verified in onnxruntime; where optimum is installed (the `optimum` extra), the folder is
+also loaded through optimum's ORTModel class for the task and checked again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,33 +34,44 @@ from compressor.api import (
     to_device,
 )
 from compressor.plugins.hf import LOGIT_IDS, TASKS, VOCAB_MAP, HFModule
-from compressor.plugins.hf_moe import (
-    checkpoint_model,
-    export_safe_moe,
-    kv_heads,
-    saved_model_type,
+from compressor.plugins.hf_decoder import (
+    GREEDY_TOKENS,
+    PROMPT_TOKENS,
+    check_decoder,
+    eos_ids,
+    optimum_cache_heads,
+    optimum_generation,
+    quiet_optimum,
+    saved_kv_heads,
+    write_decoder,
 )
+from compressor.plugins.hf_moe import checkpoint_model
 from compressor.plugins.onnx_export import (
     ONNXExporter,
     export_onnx,
     ort_runner,
-    ort_session,
-    quiet,
     verify_onnx,
 )
 from compressor.plugins.onnx_int8 import ONNXInt8Exporter, OrtModule, fed_data_ids, map_ids
+from compressor.plugins.ort_decoder import OrtDecoder
 
 
 class HFExporter(ONNXExporter):
-    """ONNX in a Hugging Face folder (config, tokenizer, weights), checked in optimum; a
-    causal LM gets past key values, so optimum's generate() reuses its cache."""
+    """ONNX in a Hugging Face folder (config, tokenizer, weights); a causal LM's decoder
+    reads and returns past key values, so a runtime's generate() reuses its cache."""
 
     name = "hf"
 
     def check(self, module: nn.Module, device: torch.device) -> None:
         _require_hf_module(self.name, module)
         if isinstance(module, HFModule) and module.task == "causal-lm":
-            _require_optimum_decoder(module)
+            attention = getattr(module.hf_model.config, "_attn_implementation", "eager")
+            if attention != "eager":
+                raise ValueError(
+                    "exporter 'hf' writes a causal LM's cached decoder from the student graph's "
+                    f"eager attention; this model was loaded with attn_implementation "
+                    f"{attention!r}: leave kwargs.attn_implementation unset (eager)"
+                )
 
     def export(
         self,
@@ -116,150 +127,68 @@ class HFExporter(ONNXExporter):
         verify_inputs: list[tuple[Inputs, ...]],
         details: dict[str, Any],
     ) -> float:
-        """optimum's exporter writes the decoder with past key values from the saved model;
-        the check loads the folder as a user does (ORTModelForCausalLM with its defaults) and
-        compares with the student graph: logits of whole sequences, and the logits of cached
-        generation steps against recomputing the whole prefix. A grouped-query model whose
-        family optimum's loader sizes by attention heads is saved again with a key/value head
-        per query head, so the folder works where users load it."""
-        model = self._optimum_decoder(folder)
-        saved = kv_heads(module.hf_model.config)
-        if getattr(model, "num_key_value_heads", saved) != saved:
+        """The decoder with a cache, written from the student graph and checked against it
+        (`hf_decoder`). Where optimum is installed, the folder must also load in its
+        ORTModelForCausalLM and generate the same tokens; a family whose cache optimum's
+        loader sizes by attention heads is written again with a key/value head per query
+        head, so the folder works where users load it."""
+        path = folder / "model.onnx"
+        details |= write_decoder(module, graph, path, self.options.opset)
+        saved, sized = saved_kv_heads(module), optimum_cache_heads(folder)
+        if sized is not None and sized != saved:
             details["key_value_heads"] = (
-                f"{saved} repeated to {model.num_key_value_heads}: optimum's "
-                f"ORTModelForCausalLM sizes a {module.hf_model.config.model_type} cache by its "
-                "attention heads"
+                f"{saved} repeated to {sized}: optimum's ORTModelForCausalLM sizes a "
+                f"{module.hf_model.config.model_type} cache by its attention heads"
             )
             _write_hf_files(module, folder, repeat_kv_heads=True)
-            model = self._optimum_decoder(folder)
-        details["inputs"] = [i.name for i in model.session.get_inputs()]
-        details["optimum"] = "loaded with optimum.onnxruntime.ORTModelForCausalLM (defaults)"
-        diffs = []
-        for inputs in verify_inputs:
-            x = to_device(inputs[0], torch.device("cpu"))
-            assert isinstance(x, dict)
-            with torch.no_grad():
-                got = torch.as_tensor(np.asarray(model(**x).logits)).float()
-                want = call_model(graph, x).float().cpu()
-            real = x["attention_mask"].bool()  # optimum positions padding differently
-            diffs.append(float((got - want).abs()[real].max()))
-        details["optimum_max_abs_diff"] = max(diffs)
-        cached, agreed = _cached_generation_check(model, graph, verify_inputs[-1][0])
-        details["cached_generation_max_abs_diff"] = cached
-        details["greedy_tokens_equal"] = f"{agreed} of {GREEDY_TOKENS}"
-        return max(*diffs, cached)
-
-    def _optimum_decoder(self, folder: Path) -> Any:
-        """The folder's decoder with past key values, written by optimum's exporter from the
-        saved model and loaded as a user does."""
-        from optimum.exporters.onnx import main_export
-        from optimum.onnxruntime import ORTModelForCausalLM
-
-        with _quiet_optimum(), export_safe_moe():
-            main_export(
-                str(folder),
-                output=str(folder),
-                task="text-generation-with-past",
-                opset=self.options.opset,
-                local_files_only=True,
-                do_validation=False,
+            details |= write_decoder(module, graph, path, self.options.opset, repeat_heads=True)
+        checks = check_decoder(path, graph, verify_inputs, eos_ids(module))
+        details |= checks
+        prompt = _first_prompt(verify_inputs)
+        tokens = optimum_generation(folder, prompt, GREEDY_TOKENS)
+        if tokens is None:
+            details["optimum"] = (
+                "not checked: optimum is not installed (pip install -e '.[optimum]')"
             )
-            return ORTModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+        elif tokens != checks["greedy_tokens"]:
+            raise ExportError(
+                f"{folder}: optimum's ORTModelForCausalLM generates {tokens[:8]}... where "
+                f"onnxruntime with our cache loop generates {checks['greedy_tokens'][:8]}..."
+            )
+        else:
+            details["optimum"] = (
+                "loaded with optimum.onnxruntime.ORTModelForCausalLM (defaults); its greedy "
+                f"tokens equal ours ({GREEDY_TOKENS})"
+            )
+        return max(checks["onnxruntime_max_abs_diff"], checks["cached_generation_max_abs_diff"])
 
     def runner(self, path: Path, providers: list[str] | None = None) -> Runner | None:
         """A decoder with a cache runs on its prompt (an empty cache)."""
-        session = ort_session(path, providers)
-        names = [i.name for i in session.get_inputs()]
-        if not any(n.startswith("past_key_values") for n in names):
+        if not OrtDecoder.is_decoder(path):
             return folder_runner(path, providers)
-        caches = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
+        decoder = OrtDecoder(path, providers)
         to_folder = folder_ids(path.parent)
 
         def run(inputs: tuple[Inputs, ...]) -> object:
             x = to_folder(inputs)[0]
             assert isinstance(x, dict)
-            feeds = {k: v.cpu().numpy() for k, v in x.items() if k in names}
-            mask = x["attention_mask"]
-            if "position_ids" in names:  # some families' decoders take none (Gemma-2)
-                feeds["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).numpy()
-            for i in caches:
-                heads, width = i.shape[1], i.shape[3]
-                feeds[i.name] = np.zeros((mask.shape[0], heads, 0, width), np.float32)
-            return session.run(None, feeds)
+            return decoder.prompt_logits(x["input_ids"].cpu(), x["attention_mask"].cpu())
 
         return run
 
     def generation_rate(self, path: Path, prompt: Inputs, new_tokens: int) -> float | None:
-        names = [i.name for i in ort_session(path).get_inputs()]
-        if not any(n.startswith("past_key_values") for n in names):
-            return None  # not a decoder with a cache
-        return generation_rate(path.parent, prompt, new_tokens)
+        if not OrtDecoder.is_decoder(path):
+            return None
+        (mine,) = folder_ids(path.parent)((prompt,))  # a pruned vocabulary reads its own ids
+        assert isinstance(mine, dict)
+        return OrtDecoder(path).tokens_per_second(mine["input_ids"][:1].cpu(), new_tokens)
 
 
-GREEDY_TOKENS = 32
-PROMPT_TOKENS = 16
-
-
-def _cached_generation_check(
-    model: Any, graph: fx.GraphModule, prompt: Inputs
-) -> tuple[float, int]:
-    """GREEDY_TOKENS greedy steps through optimum (each reusing the cache) against the student
-    graph run on the whole sequence so far: the largest logit difference over the steps, and
-    at how many steps PyTorch's greedy token is the one onnxruntime chose, a near tie (top-2
-    gap within twice that difference, where either choice is right) counting as agreed."""
-    assert isinstance(prompt, dict)
-    x = {k: v[:1].cpu() for k, v in prompt.items()}
-    length = min(PROMPT_TOKENS, int(x["attention_mask"].sum()))
-    x = {k: v[:, :length] for k, v in x.items()}
-    with _quiet_optimum(), torch.no_grad():
-        out = model.generate(
-            **x,
-            max_new_tokens=GREEDY_TOKENS,
-            min_new_tokens=GREEDY_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=model.config.pad_token_id or 0,
-        )
-    sequence = out.sequences
-    with torch.no_grad():  # one causal pass gives PyTorch's logits at every step's prefix
-        ids = sequence[:, :-1]
-        want = call_model(graph, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    want = want[0, length - 1 :].float().cpu()  # [steps, V]
-    got = torch.cat([torch.as_tensor(np.asarray(step)).float() for step in out.logits])
-    diff = float((got - want).abs().max())
-    # generate chose among the tokens min_new_tokens allows (no end of sequence): so do we
-    eos = model.generation_config.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    allowed = want.clone()
-    allowed[:, [i for i in ids if i < allowed.shape[-1]]] = float("-inf")
-    chosen = sequence[0, length:]
-    top2 = allowed.topk(2, dim=-1).values
-    near_tie = (top2[:, 0] - top2[:, 1]) <= 2 * diff
-    agreed = int(((allowed.argmax(-1) == chosen) | near_tie).sum())
-    return diff, agreed
-
-
-def generation_rate(folder: Path, prompt: Inputs, new_tokens: int) -> float:
-    """New tokens per second of optimum's greedy generate with its KV cache, batch 1, after
-    one untimed warm-up call."""
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    (prompt,) = folder_ids(folder)((prompt,))  # a pruned vocabulary reads its own ids
-    assert isinstance(prompt, dict)
-    with _quiet_optimum(), torch.no_grad():
-        model = ORTModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
-        x = {k: v[:1] for k, v in prompt.items() if k in ("input_ids", "attention_mask")}
-        options = dict(do_sample=False, pad_token_id=model.config.pad_token_id or 0)
-        model.generate(**x, max_new_tokens=2, **options)
-        began = time.perf_counter()
-        model.generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
-        return new_tokens / (time.perf_counter() - began)
-
-
-def _quiet_optimum() -> contextlib.AbstractContextManager[None]:
-    """optimum and the TorchScript exporter it uses print and warn a lot."""
-    return quiet("optimum", "transformers", "torch.onnx", stderr=True)
+def _first_prompt(verify_inputs: list[tuple[Inputs, ...]]) -> torch.Tensor:
+    x = verify_inputs[-1][0]
+    assert isinstance(x, dict)
+    length = min(PROMPT_TOKENS, int(x["attention_mask"][0].sum()))
+    return x["input_ids"][:1, :length].cpu()
 
 
 class HFInt8Exporter(ONNXInt8Exporter):
@@ -308,24 +237,6 @@ class HFInt8Exporter(ONNXInt8Exporter):
 
     def runner(self, path: Path, providers: list[str] | None = None) -> Runner | None:
         return folder_runner(path, providers)
-
-
-def _require_optimum_decoder(module: HFModule) -> None:
-    """optimum's exporter writes the cached decoder only for the families it configures: a
-    family it does not know is refused before training, not after."""
-    import optimum.exporters.onnx  # noqa: F401  (registers its configurations)
-    from optimum.exporters.tasks import TasksManager
-
-    saved = saved_model_type(module.hf_model)
-    task = "text-generation-with-past"
-    with export_safe_moe():
-        known = TasksManager.get_supported_model_type_for_task(task, exporter="onnx")
-    if saved.replace("_", "-") not in known and saved not in known:
-        raise ValueError(
-            f"exporter 'hf' writes a causal LM's decoder with a cache through optimum-onnx, "
-            f"which has no ONNX configuration for {saved!r}; families it knows: "
-            f"{', '.join(sorted(known))}. Export this student with exporter 'onnx' (no cache)"
-        )
 
 
 def _require_hf_module(exporter: str, module: nn.Module) -> None:
@@ -483,7 +394,7 @@ def _optimum_check(
     except ImportError as exc:
         return None, f"not checked: optimum.onnxruntime is not installed ({exc})"
     cls_name = TASKS[task][2]
-    with _quiet_optimum():
+    with quiet_optimum():
         model = getattr(ort_models, cls_name).from_pretrained(
             str(folder), file_name="model.onnx", local_files_only=True
         )

@@ -100,14 +100,33 @@ def model_location(
 
 
 def load_tokenizer(folder: Path, gguf: str | None) -> Any:
-    from transformers import AutoTokenizer
+    """The tokenizer the folder's files name: transformers 5's AutoTokenizer prefers the
+    model family's class (a Qwen2 model beside a BERT WordPiece tokenizer would read it as
+    byte-level BPE), so where tokenizer_config.json names another class, that one (its fast
+    form where there is one) is loaded instead."""
+    import transformers
 
     kwargs = {"gguf_file": gguf} if gguf else {}
     with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, **kwargs
+        )
+        named = _named_tokenizer_class(folder) if not gguf else None
+        if named and named.removesuffix("Fast") != type(tokenizer).__name__.removesuffix("Fast"):
+            base = named.removesuffix("Fast")
+            cls = getattr(transformers, base + "Fast", None) or getattr(transformers, base)
+            tokenizer = cls.from_pretrained(str(folder), local_files_only=True)
     if tokenizer.pad_token is None:  # decoder tokenizers often have none; padding is masked
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _named_tokenizer_class(folder: Path) -> str | None:
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    named = json.loads(config.read_text()).get("tokenizer_class")
+    return str(named) if named else None
 
 
 class _Once(logging.Filter):

@@ -27,7 +27,7 @@ from torch import nn
 
 from compressor.api import ExportError
 from compressor.plugins.hf import decoder_layers
-from compressor.plugins.moe_block import MoEBlock, mixture
+from compressor.plugins.moe_block import MoEBlock, fused_expert_state, mixture
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # what a Qwen2-MoE model has that a student may lack, filled so that it adds nothing
@@ -64,7 +64,25 @@ def checkpoint_model(model: Any, repeat_kv_heads: bool = False) -> Any:
         return as_qwen2_moe(model, one_kv_head_per_query=repeat_kv_heads)
     if repeat_kv_heads and kv_heads(config) != config.num_attention_heads:
         return _one_kv_head_per_query_model(model)
+    if moe_blocks(model):  # a Hugging Face MoE model after `moe_routing`
+        return _native_moe_model(model)
     return model
+
+
+def _native_moe_model(model: Any) -> Any:
+    """A Hugging Face MoE model whose sparse blocks `moe_routing` swapped, with its own
+    blocks back where this transformers stores experts otherwise (fused in transformers 5),
+    so its checkpoint loads as the family's; the model itself where the names agree."""
+    native = type(model)(copy.deepcopy(model.config)).to(model.lm_head.weight.device)
+    target = native.state_dict()
+    state = model.state_dict()
+    if set(state) == set(target):
+        return model
+    native.load_state_dict(fused_expert_state(state, target))
+    native.tie_weights()
+    native.eval()
+    _check_same_outputs(model, native, f"saving {model.config.model_type} with its own MoE blocks")
+    return native
 
 
 def _one_kv_head_per_query_model(model: Any) -> Any:
@@ -77,9 +95,8 @@ def _one_kv_head_per_query_model(model: Any) -> Any:
     weight = model.lm_head.weight
     expanded = type(model)(config).to(weight.device, weight.dtype)
     where = f"repeating the key/value heads of {config.model_type}"
-    state = _one_kv_head_per_query(
-        model.state_dict(), expanded.state_dict(), (heads, grouped, head_dim), where
-    )
+    state = fused_expert_state(model.state_dict(), expanded.state_dict())
+    state = _one_kv_head_per_query(state, expanded.state_dict(), (heads, grouped, head_dim), where)
     expanded.load_state_dict(state)
     expanded.tie_weights()
     expanded.eval()
@@ -119,6 +136,7 @@ def as_qwen2_moe(model: Any, one_kv_head_per_query: bool = False) -> Any:
     )
     weight = model.lm_head.weight
     converted = transformers.Qwen2MoeForCausalLM(moe_config).to(weight.device, weight.dtype)
+    state = fused_expert_state(state, converted.state_dict())  # transformers 5's layout
     if repeat_kv:
         state = _one_kv_head_per_query(
             state, converted.state_dict(), (heads, grouped, head_dim), where
@@ -165,19 +183,16 @@ def _qwen2_moe_config(
     experts, top_k, renormalize, width, shared_width = shape
     window = getattr(config, "sliding_window", None)
     use_window = window is not None and getattr(config, "use_sliding_window", True)
-    return transformers.Qwen2MoeConfig(
+    moe = transformers.Qwen2MoeConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=getattr(config, "intermediate_size", width),
         num_hidden_layers=depth,
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=key_value_heads,
-        head_dim=head_dim,
         hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps,
-        rope_theta=getattr(config, "rope_theta", 10000.0),
-        rope_scaling=getattr(config, "rope_scaling", None),
         attention_dropout=getattr(config, "attention_dropout", 0.0),
         use_sliding_window=bool(use_window),
         sliding_window=window if use_window else None,
@@ -195,6 +210,12 @@ def _qwen2_moe_config(
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
     )
+    moe.head_dim = head_dim
+    # rotary settings: `rope_parameters` in transformers 5, `rope_theta`/`rope_scaling` in 4
+    for name in ("rope_parameters", "rope_theta", "rope_scaling"):
+        if hasattr(config, name):
+            setattr(moe, name, getattr(config, name))
+    return moe
 
 
 def _one_kv_head_per_query(
@@ -292,7 +313,7 @@ def _check_same_outputs(model: Any, converted: Any, where: str) -> None:
     scale = float(want.abs().max())
     if diff > 1e-4 * max(1.0, scale):
         raise ExportError(
-            f"{where}: the Qwen2-MoE model's logits differ from the student's by {diff:.3g} "
+            f"{where}: the saved model's logits differ from the student's by {diff:.3g} "
             f"(largest logit {scale:.3g}); the checkpoint was not written"
         )
 

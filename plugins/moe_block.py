@@ -127,37 +127,130 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> torch.Tensor:
 
 def from_hf(block: Any, config: Any) -> MoEBlock:
     """The `MoEBlock` equal to a Hugging Face sparse MoE block (Qwen2-MoE, Qwen3-MoE,
-    Mixtral and blocks of their shape: a linear `gate` and an `experts` list), sharing its
-    expert modules."""
+    Mixtral and blocks of their shape): in transformers 4 a linear `gate` and an `experts`
+    list, whose expert modules it shares; in transformers 5 a router with a `weight` and
+    experts fused in 3-D tensors, which it splits into one `GatedExpert` each."""
+    fused = _fused_layout(block)
     hf_gate = block.gate
-    gate = Router(hf_gate.in_features, hf_gate.out_features, bias=hf_gate.bias is not None)
+    experts, out_features = (
+        (split_experts(block.experts, type(block).__name__), hf_gate.weight.shape[0])
+        if fused
+        else (list(block.experts), hf_gate.out_features)
+    )
+    bias = getattr(hf_gate, "bias", None)
+    gate = Router(hf_gate.weight.shape[1], out_features, bias=bias is not None)
     gate.to(hf_gate.weight.device, hf_gate.weight.dtype)
-    gate.load_state_dict(hf_gate.state_dict())
-    top_k = int(getattr(block, "top_k", getattr(config, "num_experts_per_tok", 0)))
+    gate.load_state_dict({"weight": hf_gate.weight, **({"bias": bias} if bias is not None else {})})
+    router = hf_gate if fused else block
+    top_k = int(getattr(router, "top_k", getattr(config, "num_experts_per_tok", 0)))
     # Mixtral always renormalises its top k; the Qwen MoE families say so in the config
-    renormalize = bool(getattr(block, "norm_topk_prob", getattr(config, "norm_topk_prob", True)))
+    renormalize = bool(getattr(router, "norm_topk_prob", getattr(config, "norm_topk_prob", True)))
     if type(block).__name__.startswith("Mixtral"):
         renormalize = True
     return MoEBlock(
         gate,
-        list(block.experts),
+        experts,
         top_k,
         renormalize,
         getattr(block, "shared_expert", None),
         getattr(block, "shared_expert_gate", None),
         jitter=float(getattr(block, "jitter_noise", 0.0)),
-        tuple_output=True,
+        tuple_output=not fused,  # transformers 4's layers read (output, router logits)
+    )
+
+
+class GatedExpert(nn.Module):
+    """One expert of a fused Hugging Face experts module: down(act(gate(x)) * up(x)), three
+    linears named as that family's per-expert checkpoints name them."""
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act: Any, names: tuple):
+        super().__init__()
+        self.names = names
+        for name, linear in zip(names, (gate, up, down), strict=True):
+            setattr(self, name, linear)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(self.act(gate(x)) * up(x))
+
+
+# per-expert linear names (gate, up, down) of the families' checkpoints
+EXPERT_NAMES = {"Mixtral": ("w1", "w3", "w2")}
+DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def split_experts(experts: Any, block_type: str) -> list[nn.Module]:
+    """transformers 5's fused experts (`gate_up_proj` [E, 2I, H], gate rows first;
+    `down_proj` [E, H, I]) as one `GatedExpert` per expert, with copies of the weights."""
+    if getattr(experts, "gate_up_proj_bias", None) is not None:
+        raise ValueError(f"{block_type}: experts with biases are not split here")
+    names = next((v for k, v in EXPERT_NAMES.items() if block_type.startswith(k)), None)
+    names = names or DEFAULT_EXPERT_NAMES
+    count, double, hidden = experts.gate_up_proj.shape
+    width = double // 2
+    split: list[nn.Module] = []
+    for e in range(count):
+        linears = [nn.Linear(hidden, width, bias=False) for _ in range(2)]
+        linears.append(nn.Linear(width, hidden, bias=False))
+        weights = (
+            experts.gate_up_proj[e, :width],
+            experts.gate_up_proj[e, width:],
+            experts.down_proj[e],
+        )
+        for linear, weight in zip(linears, weights, strict=True):
+            linear.to(weight.device, weight.dtype)
+            linear.weight.data.copy_(weight.detach())
+        gate, up, down = linears
+        split.append(GatedExpert(gate, up, down, experts.act_fn, names))
+    return split
+
+
+def _fused_layout(block: Any) -> bool:
+    experts = getattr(block, "experts", None)
+    weight = getattr(getattr(block, "gate", None), "weight", None)
+    return (
+        isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
     )
 
 
 def is_hf_moe_block(module: nn.Module) -> bool:
-    """A Hugging Face sparse MoE block (by shape: a linear gate over an experts list)."""
+    """A Hugging Face sparse MoE block (by shape: a linear gate over an experts list, or in
+    transformers 5 a router over fused expert tensors)."""
+    experts = isinstance(getattr(module, "gate", None), nn.Linear) and isinstance(
+        getattr(module, "experts", None), nn.ModuleList
+    )
     return (
         not isinstance(module, MoEBlock)
-        and isinstance(getattr(module, "gate", None), nn.Linear)
-        and isinstance(getattr(module, "experts", None), nn.ModuleList)
+        and (experts or _fused_layout(module))
         and "moe" in type(module).__name__.lower()
     )
+
+
+def fused_expert_state(state: dict[str, torch.Tensor], target: dict[str, Any]) -> dict:
+    """`state` (per-expert linears, as `MoEBlock`s hold them) with its experts fused where
+    the `target` model's state dict has them fused (transformers 5): `{block}.experts.
+    gate_up_proj` [E, 2I, H] and `{block}.experts.down_proj` [E, H, I]."""
+    out = dict(state)
+    for key in target:
+        if not key.endswith(".experts.gate_up_proj") or key in state:
+            continue
+        prefix = key.removesuffix("gate_up_proj")
+        names = next(
+            (
+                n
+                for n in (*EXPERT_NAMES.values(), DEFAULT_EXPERT_NAMES)
+                if f"{prefix}0.{n[0]}.weight" in state
+            ),
+            DEFAULT_EXPERT_NAMES,
+        )
+        count = sum(1 for k in state if k.startswith(prefix) and k.endswith(f".{names[0]}.weight"))
+        per = [[out.pop(f"{prefix}{e}.{n}.weight") for n in names] for e in range(count)]
+        out[key] = torch.stack([torch.cat([gate, up]) for gate, up, _ in per])
+        out[prefix + "down_proj"] = torch.stack([down for _, _, down in per])
+    return out
 
 
 # -- where an FFN's intermediate channels are ----------------------------------------------------

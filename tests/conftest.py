@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +55,65 @@ train:
 report:
   latency_repeats: 2
 """
+
+
+# optimum's ORTModel classes come with the `optimum` extra (transformers 4.57); tests marked
+# `optimum` check folders in them where it is installed, and CI runs them again there
+OPTIMUM = importlib.util.find_spec("optimum") is not None and (
+    importlib.util.find_spec("optimum.onnxruntime") is not None
+)
+requires_optimum = pytest.mark.skipif(
+    not OPTIMUM, reason="needs the optimum extra: pip install -e '.[dev,optimum]'"
+)
+
+
+def optimum_checked(details: dict) -> bool:
+    """Whether an export's optimum check ran: it must have where optimum is installed, and
+    where it is not, the export must say it was not checked."""
+    if OPTIMUM:
+        assert details["optimum"].startswith("loaded with optimum"), details["optimum"]
+    else:
+        assert details["optimum"].startswith("not checked: optimum"), details["optimum"]
+    return OPTIMUM
+
+
+def folder_generations(folder: Path, prompt: dict, new_tokens: int) -> dict[str, torch.Tensor]:
+    """Prompt + greedy tokens from an exported decoder folder, as each runtime here runs it:
+    onnxruntime with its cache through compressor's loop, and optimum's
+    ORTModelForCausalLM with its defaults where installed."""
+    from compressor.plugins.ort_decoder import OrtDecoder
+
+    ids, mask = prompt["input_ids"], prompt["attention_mask"]
+    tokens, _ = OrtDecoder(folder / "model.onnx").greedy(ids, mask, new_tokens)
+    out = {"onnxruntime": torch.cat([ids, tokens], dim=1)}
+    if OPTIMUM:
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        model = ORTModelForCausalLM.from_pretrained(folder)
+        out["optimum"] = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out
+
+
+def folder_outputs(folder: Path, batch: dict, output: str = "last_hidden_state") -> dict:
+    """An exported encoder folder's output on `batch`, as each runtime here runs it:
+    onnxruntime on model.onnx, and optimum's ORTModelForFeatureExtraction where installed."""
+    from compressor.plugins.onnx_export import ort_session
+
+    feeds = {k: v.numpy() for k, v in batch.items()}
+    out = {"onnxruntime": torch.as_tensor(ort_session(folder / "model.onnx").run(None, feeds)[0])}
+    if OPTIMUM:
+        from optimum.onnxruntime import ORTModelForFeatureExtraction
+
+        model = ORTModelForFeatureExtraction.from_pretrained(folder, file_name="model.onnx")
+        out["optimum"] = torch.as_tensor(np.asarray(getattr(model(**batch), output)))
+    return out
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,6 +1,7 @@
 """Decoder models (GPT-2, Llama, Qwen2 as tiny random Hugging Face folders) with taps:
-hidden-state and attention losses, a truncated teacher, export with a KV cache that
-optimum generates from with its default arguments, and the vocabulary checks."""
+hidden-state and attention losses, a truncated teacher, export of the student graph as a
+decoder with a KV cache that onnxruntime (and optimum, where installed) generates from,
+and the vocabulary checks."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_hf_folder
+from conftest import OPTIMUM, folder_generations, optimum_checked, save_hf_folder
 
 from compressor.errors import RecipeError, RecipeErrors
 from compressor.graph_pass import eliminate_dead_code
 from compressor.pipeline import run
 from compressor.plan import build_plan
 from compressor.plugins.hf import package_folder
+from compressor.plugins.ort_decoder import OrtDecoder
 from compressor.recipe_file import load_recipe
 
 transformers = pytest.importorskip("transformers")
@@ -132,6 +134,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.optimum
 @pytest.mark.parametrize("family", sorted(BLOCKS))
 def test_taps_inside_a_decoder_train_evaluate_and_export_with_a_cache(
     family, decoders, tmp_path, registry
@@ -143,7 +146,8 @@ def test_taps_inside_a_decoder_train_evaluate_and_export_with_a_cache(
     assert all(np.isfinite(r["loss"]) for r in history if "loss" in r)
     (export,) = summary.exports
     assert export.ok, export.details
-    assert export.details["optimum_max_abs_diff"] < 1e-4
+    assert export.details["onnxruntime_max_abs_diff"] < 1e-4
+    optimum_checked(export.details)  # where installed: optimum generates the same tokens
     assert export.details["cached_generation_max_abs_diff"] < 1e-4
     assert export.details["greedy_tokens_equal"] == "32 of 32"  # onnxruntime's = PyTorch's
     for role in ("teacher", "student"):
@@ -153,24 +157,24 @@ def test_taps_inside_a_decoder_train_evaluate_and_export_with_a_cache(
     assert any(name.startswith("past_key_values") for name in export.details["inputs"])
     assert json.loads((folder / "config.json").read_text())["use_cache"] is True
 
-    # a user's generate, with optimum's defaults (use_cache=True), from the folder alone
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    model = ORTModelForCausalLM.from_pretrained(folder)
+    # a user's generate from the folder alone, with its cache (optimum: its defaults)...
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     prompt = tokenizer(["A list is a sequence"], return_tensors="pt")
     prompt.pop("token_type_ids", None)
-    out = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert out.shape == (1, prompt["input_ids"].shape[1] + 6)
-    # ...and what it generates is what the student does, recomputing the prefix each step
+    generated = folder_generations(folder, dict(prompt), 6)
+    assert len(generated) == (2 if OPTIMUM else 1)
+    # ...is what the student does, recomputing the prefix each step
     student = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         again = student.generate(
-            **prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0
+            **prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False
         )
-    assert torch.equal(out, again)
+    for runtime, out in generated.items():
+        assert out.shape == (1, prompt["input_ids"].shape[1] + 6)
+        assert torch.equal(out, again), runtime
 
 
+@pytest.mark.optimum
 @pytest.mark.parametrize("family", ["phi3", "olmo2"])
 def test_a_grouped_query_decoder_optimum_sizes_by_attention_heads_exports_and_generates_alike(
     family, decoders, tmp_path, registry
@@ -180,36 +184,56 @@ def test_a_grouped_query_decoder_optimum_sizes_by_attention_heads_exports_and_ge
     summary = run(load_recipe(_write(tmp_path, text)), registry, progress=False)
     (export,) = summary.exports
     assert export.ok, export.details
-    assert export.details["key_value_heads"].startswith("2 repeated to 4: optimum's")
     assert export.details["greedy_tokens_equal"] == "32 of 32"
     folder = Path(export.details["folder"])
-    assert json.loads((folder / "config.json").read_text())["num_key_value_heads"] == 4
+    heads = json.loads((folder / "config.json").read_text())["num_key_value_heads"]
+    if optimum_checked(export.details):  # its loader's cache has a head per query head
+        assert export.details["key_value_heads"].startswith("2 repeated to 4: optimum's")
+        assert heads == 4 and "4 key/value heads" in export.details["cache"]
+    else:  # the cache keeps the student's grouping
+        assert heads == 2 and "2 key/value heads" in export.details["cache"]
 
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    model = ORTModelForCausalLM.from_pretrained(folder)
     ids = torch.randint(5, 30000, (1, 7), generator=torch.Generator().manual_seed(0))
     prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    out = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     student = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         again = student.generate(
-            **prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0
+            **prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False
         )
-    assert torch.equal(out, again)
+    for runtime, out in folder_generations(folder, prompt, 6).items():
+        assert torch.equal(out, again), runtime
 
 
-def test_a_decoder_family_optimum_cannot_export_is_refused_before_training(tmp_path, registry):
+def test_a_decoder_family_named_nowhere_exports_and_generates_with_its_cache(tmp_path, registry):
+    """Starcoder2 (biases, layer norms, a GELU MLP): no code here names it, and optimum-onnx
+    has no ONNX configuration for it; its cached decoder comes from the student graph."""
     torch.manual_seed(0)
     config = transformers.Starcoder2Config(**SIZES, **LLAMA_LIKE, num_key_value_heads=2)
     folder = _save(tmp_path, "starcoder2", transformers.Starcoder2ForCausalLM(config))
     text = _recipe(folder, "llama", tmp_path / "run", "  - {name: kd}\n")
-    with pytest.raises(RecipeError) as info:
-        build_plan(load_recipe(_write(tmp_path, text)), registry)
-    message = str(info.value)
-    assert "(export[0].name): exporter 'hf' writes a causal LM's decoder" in message
-    assert "no ONNX configuration for 'starcoder2'" in message and "exporter 'onnx'" in message
-    assert not (tmp_path / "run").exists()
+    summary = run(load_recipe(_write(tmp_path, text)), registry, progress=False)
+    (export,) = summary.exports
+    assert export.ok, export.details
+    assert export.details["greedy_tokens_equal"] == "32 of 32"
+    assert export.details["cached_generation_max_abs_diff"] < 1e-4
+    out = Path(export.details["folder"])
+    ids = torch.randint(5, 30000, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a shorter prompt, padded on the left
+    tokens, _ = OrtDecoder(out / "model.onnx").greedy(ids, mask, 5)
+    alone, _ = OrtDecoder(out / "model.onnx").greedy(ids[:1, 3:], mask[:1, 3:], 5)
+    assert torch.equal(tokens[0], alone[0])  # padding changes nothing
+    student = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        again = student.generate(
+            input_ids=ids[1:],
+            attention_mask=mask[1:],
+            max_new_tokens=5,
+            min_new_tokens=5,
+            do_sample=False,
+            use_cache=False,
+        )
+    assert torch.equal(again[0, 9:], tokens[1])
 
 
 def test_a_truncated_decoder_teacher_runs_only_to_the_tapped_block(decoders, tmp_path, registry):
@@ -246,7 +270,8 @@ def test_dead_code_elimination_keeps_the_vmap_nesting_of_attention_masks(decoder
     def nesting(g):
         return sum(n.target is predispatch._vmap_increment_nesting for n in g.graph.nodes)
 
-    assert nesting(gm) > 0
+    if nesting(gm) == 0:
+        pytest.skip(f"transformers {transformers.__version__} builds attention masks without vmap")
     eliminate_dead_code(gm)  # the nesting calls have no users: fx's rules would drop them
     assert nesting(gm) > 0
     with torch.no_grad():

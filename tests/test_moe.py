@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_hf_folder
+from conftest import OPTIMUM, optimum_checked, save_hf_folder
 from torch import nn
 
 from compressor.capture import capture_module
@@ -20,6 +20,7 @@ from compressor.pipeline import run
 from compressor.plan import build_plan
 from compressor.plugins.hf import HFModule
 from compressor.plugins.moe_block import MoEBlock
+from compressor.plugins.ort_decoder import OrtDecoder
 from compressor.recipe_file import load_recipe
 
 transformers = pytest.importorskip("transformers")
@@ -182,8 +183,9 @@ def test_a_hugging_face_moe_model_captures_after_moe_routing_with_the_same_outpu
     want = _logits(model, IDS)
     module = HFModule(model, "causal-lm")
     x = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
-    with pytest.raises(CaptureError, match="data-dependent"):  # `nonzero` over experts hit
-        capture_module(module, (x,), "teacher", "export")
+    if transformers.__version__.startswith("4."):  # `nonzero` over the experts hit
+        with pytest.raises(CaptureError, match="data-dependent"):
+            capture_module(module, (x,), "teacher", "export")
     context = ModulePassContext("teacher", None)
     MoERouting(None)(module, context)
     assert "3 sparse MoE block(s)" in context.notes[0]
@@ -253,6 +255,7 @@ UPCYCLE = (
 )
 
 
+@pytest.mark.optimum
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_an_upcycled_decoder_trains_and_exports_a_checkpoint_and_onnx_folder(
     family, tmp_path, registry
@@ -276,20 +279,24 @@ def test_an_upcycled_decoder_trains_and_exports_a_checkpoint_and_onnx_folder(
     assert balance and all(0.9 < b < 2.0 for b in balance)  # E * sum f P is 1 when balanced
     (export,) = summary.exports
     assert export.ok, export.details
-    assert export.details["optimum_max_abs_diff"] < 1e-4
+    assert export.details["onnxruntime_max_abs_diff"] < 1e-4
     assert export.details["greedy_tokens_equal"] == "32 of 32"
+    optimum_checked(export.details)  # where installed: optimum generates the same tokens
     out = Path(export.details["folder"])
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
     # the checkpoint gives the outputs onnxruntime gives (which the exporter checked against
-    # the student graph)
-    from optimum.onnxruntime import ORTModelForCausalLM
-
+    # the student graph), and where optimum is installed, so does its loader
     ids = torch.randint(0, 1000, (1, 7))
     mask = torch.ones_like(ids)
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    ort = ORTModelForCausalLM.from_pretrained(out)
-    got = torch.as_tensor(np.asarray(ort(input_ids=ids, attention_mask=mask).logits))
+    got = torch.from_numpy(OrtDecoder(out / "model.onnx").prompt_logits(ids, mask))
     torch.testing.assert_close(_logits(back, ids), got, atol=1e-4, rtol=1e-4)
+    if OPTIMUM:
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        ort = ORTModelForCausalLM.from_pretrained(out)
+        got = torch.as_tensor(np.asarray(ort(input_ids=ids, attention_mask=mask).logits))
+        torch.testing.assert_close(_logits(back, ids), got, atol=1e-4, rtol=1e-4)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
