@@ -189,9 +189,30 @@ class HFModelLoader(ModelLoader[HFModelOptions]):
                 recipe.locate((*path, "model")),
                 f"transformers cannot load {folder / (gguf or '')} as {o.task}: {first}",
             ) from None
+        if gguf:
+            _plain_after_gguf(model)
         if o.task == "causal-lm" and model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         return HFModule(model, o.task, tokenizer)
+
+
+def _plain_after_gguf(model: Any) -> None:
+    """transformers dequantises a GGUF file's tensors as it loads them, yet (from 5.x) tags
+    the model with its GGUF quantizer, which says the model can be neither trained nor saved.
+    The weights are plain floating-point tensors, so the tag is dropped: students built from
+    the model train, and export saves them."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    if not all(p.is_floating_point() for p in model.parameters()):
+        return  # weights still packed: the tag is true
+    model.hf_quantizer = None
+    for holder in (model, model.config):
+        if "quantization_config" in vars(holder):
+            delattr(holder, "quantization_config")
+    if hasattr(model, "is_quantized") and not isinstance(
+        getattr(type(model), "is_quantized", None), property
+    ):
+        model.is_quantized = False
 
 
 Task = Literal["embedding", "classification", "language-modeling"]

@@ -134,8 +134,13 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.optimum
-@pytest.mark.parametrize("family", sorted(BLOCKS))
+@pytest.mark.parametrize(
+    "family",  # CI's optimum environment reruns one family with a grouped cache, one without
+    [
+        pytest.param(f, marks=pytest.mark.optimum) if f in ("llama", "gpt2") else f
+        for f in sorted(BLOCKS)
+    ],
+)
 def test_taps_inside_a_decoder_train_evaluate_and_export_with_a_cache(
     family, decoders, tmp_path, registry
 ):

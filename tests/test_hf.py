@@ -308,7 +308,6 @@ def test_keep_n_ranks_encoder_blocks_by_embedding_change(tiny, tmp_path, registr
     assert plan.student.config.num_hidden_layers == 2
 
 
-@pytest.mark.optimum
 def test_a_distilbert_encoder_distils_and_exports(tmp_path, registry):
     config = transformers.DistilBertConfig(
         vocab_size=30522, dim=32, n_layers=4, n_heads=4, hidden_dim=64, max_position_embeddings=128
@@ -735,3 +734,35 @@ train: {{steps: 1}}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("newly initialized") == 1, done.stderr
+
+
+def test_a_model_read_from_gguf_is_untagged_so_its_students_train_and_save(tmp_path):
+    pytest.importorskip("transformers.quantizers.quantizer_gguf")
+    """transformers 5 tags a model read from a GGUF file with the GGUF quantizer (not
+    trainable, not serializable) though its weights are dequantised; the loader drops the
+    tag. Here a tiny Llama carries the same tag as `from_pretrained(gguf_file=...)` gives."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    from compressor.plugins.hf_loaders import _plain_after_gguf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+        intermediate_size=64,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    tag = GgufConfig(gguf_file="model.gguf")
+    model.hf_quantizer = GgufHfQuantizer(tag)
+    model.config.quantization_config = tag
+    model.is_quantized = True
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "tagged")
+    _plain_after_gguf(model)
+    model.save_pretrained(tmp_path / "plain")
+    saved = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "quantization_config" not in saved
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits)

@@ -255,8 +255,10 @@ UPCYCLE = (
 )
 
 
-@pytest.mark.optimum
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(
+    "family",  # CI's optimum environment reruns one family
+    [pytest.param(f, marks=pytest.mark.optimum) if f == "llama" else f for f in sorted(FAMILIES)],
+)
 def test_an_upcycled_decoder_trains_and_exports_a_checkpoint_and_onnx_folder(
     family, tmp_path, registry
 ):

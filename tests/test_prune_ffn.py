@@ -170,7 +170,6 @@ def test_scores_need_training_text():
         PruneFFN(PruneFFNOptions(keep=0.5))(_module("bert"), ModulePassContext("student", None))
 
 
-@pytest.mark.optimum
 def test_a_recipe_run_exports_the_narrow_student(tmp_path, registry):
     """Through the pipeline: the note is in the plan, training runs, and the exported folder
     (config.intermediate_size from the pass) matches PyTorch in onnxruntime (and loads in

@@ -148,7 +148,6 @@ def test_pruned_student_folder_tokenises_raw_text_itself(bert, tmp_path, registr
     assert [teacher_ids[i] for i in mine] == teacher_tokenizer(text)["input_ids"]
 
 
-@pytest.mark.optimum
 def test_pruned_student_quantizes_to_an_int8_folder_of_its_own_ids(
     bert, tmp_path, registry, monkeypatch
 ):
