@@ -76,7 +76,7 @@ def check_decoder(
             want = call_model(graph, x).float().cpu()
         real = x["attention_mask"].bool()  # padding's logits are nobody's
         diffs.append(float((got.float() - want).abs()[real].max()))
-    prompt = _prompt(verify_inputs[-1][0])
+    prompt = first_prompt(verify_inputs)
     tokens, logits = decoder.greedy(prompt, torch.ones_like(prompt), GREEDY_TOKENS, eos)
     cached, agreed = _agreement(graph, prompt, tokens, logits, eos)
     return {
@@ -87,8 +87,10 @@ def check_decoder(
     }
 
 
-def _prompt(inputs: Inputs) -> torch.Tensor:
-    """The first sequence's first PROMPT_TOKENS real tokens."""
+def first_prompt(verify_inputs: list[tuple[Inputs, ...]]) -> torch.Tensor:
+    """The greedy checks' prompt: the last verification batch's first sequence, its first
+    PROMPT_TOKENS real tokens."""
+    inputs = verify_inputs[-1][0]
     assert isinstance(inputs, dict)
     ids, mask = inputs["input_ids"][:1].cpu(), inputs["attention_mask"][:1].cpu()
     length = min(PROMPT_TOKENS, int(mask.sum()))

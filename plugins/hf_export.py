@@ -36,9 +36,9 @@ from compressor.api import (
 from compressor.plugins.hf import LOGIT_IDS, TASKS, VOCAB_MAP, HFModule
 from compressor.plugins.hf_decoder import (
     GREEDY_TOKENS,
-    PROMPT_TOKENS,
     check_decoder,
     eos_ids,
+    first_prompt,
     optimum_cache_heads,
     optimum_generation,
     quiet_optimum,
@@ -144,8 +144,7 @@ class HFExporter(ONNXExporter):
             details |= write_decoder(module, graph, path, self.options.opset, repeat_heads=True)
         checks = check_decoder(path, graph, verify_inputs, eos_ids(module))
         details |= checks
-        prompt = _first_prompt(verify_inputs)
-        tokens = optimum_generation(folder, prompt, GREEDY_TOKENS)
+        tokens = optimum_generation(folder, first_prompt(verify_inputs), GREEDY_TOKENS)
         if tokens is None:
             details["optimum"] = (
                 "not checked: optimum is not installed (pip install -e '.[optimum]')"
@@ -182,13 +181,6 @@ class HFExporter(ONNXExporter):
         (mine,) = folder_ids(path.parent)((prompt,))  # a pruned vocabulary reads its own ids
         assert isinstance(mine, dict)
         return OrtDecoder(path).tokens_per_second(mine["input_ids"][:1].cpu(), new_tokens)
-
-
-def _first_prompt(verify_inputs: list[tuple[Inputs, ...]]) -> torch.Tensor:
-    x = verify_inputs[-1][0]
-    assert isinstance(x, dict)
-    length = min(PROMPT_TOKENS, int(x["attention_mask"][0].sum()))
-    return x["input_ids"][:1, :length].cpu()
 
 
 class HFInt8Exporter(ONNXInt8Exporter):

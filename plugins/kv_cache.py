@@ -52,6 +52,7 @@ SCORE_OPS = {
     aten.to.dtype,
     aten._to_copy.default,
     aten.add.Tensor,
+    aten.where.self,  # transformers 4's GPT-2 masks its scores causally itself
 }
 PROB_OPS = {aten.to.dtype, aten._to_copy.default, aten.dropout.default, aten.type_as.default}
 
@@ -89,6 +90,9 @@ class _Attention:
     mask_add: fx.Node  # the add of the model's own mask to the scores
     key: tuple[fx.Node, fx.Node]  # (the keys before the repeat, the node that reads them)
     value: tuple[fx.Node, fx.Node]
+    # where(causal [1, 1, T, T], scores, min): a mask of T tokens only, which the cached
+    # mask replaces; each with the scores it passes on
+    wheres: list[tuple[fx.Node, fx.Node]]
 
 
 def with_kv_cache(
@@ -140,6 +144,8 @@ def with_kv_cache(
         scores, old_mask = attention.mask_add.args
         attention.mask_add.args = (scores, new_mask)
         del old_mask
+        for where, passed in attention.wheres:
+            where.replace_all_uses_with(passed)
     _feed_positions(g, positions, length)
     (logits,) = _leaves(output_node(gm))
     output_node(gm).args = ((logits, *presents),)
@@ -185,13 +191,16 @@ def _attention_softmaxes(g: fx.Graph, length: Any) -> list[fx.Node]:
 def _attention(softmax: fx.Node, length: Any, repeat_heads: bool) -> _Attention:
     where = f"attention at node {softmax.name!r}"
     node, mask_add = softmax.args[0], None
+    wheres: list[tuple[fx.Node, fx.Node]] = []
     while isinstance(node, fx.Node) and node.target not in MATMULS:
         if node.op != "call_function" or node.target not in SCORE_OPS:
             raise ExportError(f"{where}: unexpected {node.target} between scores and softmax")
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        heads = [a for a in tensors if _shape(a)[1:2] != (1,)]
+        heads = [a for a in tensors if _has_heads(a)]
         if node.target is aten.add.Tensor and len(tensors) == 2 and len(heads) == 1:
             mask_add = node  # scores + mask [B or 1, 1, T, T]
+        if node.target is aten.where.self and len(heads) == 1:
+            wheres.append((node, heads[0]))
         if len(heads) != 1:
             raise ExportError(f"{where}: cannot follow the scores through {node.name!r}")
         node = heads[0]
@@ -212,7 +221,7 @@ def _attention(softmax: fx.Node, length: Any, repeat_heads: bool) -> _Attention:
     assert isinstance(key_t, fx.Node)
     key = _before_repeat(key_t, scores, length, repeat_heads, transposed=True)
     value = _before_repeat(readers[0].args[1], readers[0], length, repeat_heads)  # type: ignore[arg-type]
-    return _Attention(softmax, mask_add, key, value)
+    return _Attention(softmax, mask_add, key, value, wheres)
 
 
 def _before_repeat(
@@ -318,6 +327,12 @@ def _dim(node: fx.Node, i: int) -> Any:
 def _shape(node: Any) -> tuple[Any, ...]:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return tuple(getattr(val, "shape", ()))
+
+
+def _has_heads(node: fx.Node) -> bool:
+    """[B, H, T, T] scores rather than a mask broadcast over heads ([B or 1, 1, T, T])."""
+    shape = _shape(node)
+    return len(shape) == 4 and str(shape[1]) != "1"
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -12,8 +12,9 @@ from conftest import tiny_llama_folder
 
 from compressor.api import GraphPass, NoOptions, PassResult, hookimpl, node_module_path
 from compressor.capture import capture_module
-from compressor.errors import ExportError
+from compressor.errors import ExportError, RecipeError, RecipeErrors
 from compressor.pipeline import run
+from compressor.plan import build_plan
 from compressor.plugins.hf import HFModule
 from compressor.plugins.kv_cache import with_kv_cache
 from compressor.plugins.ort_decoder import OrtDecoder
@@ -165,3 +166,26 @@ report: {{latency_batches: [2], latency_repeats: 1}}
         hook.remove()
     assert float((got - plain).abs().max()) > 1e-3  # the pass is in onnxruntime's logits...
     torch.testing.assert_close(got, halved, atol=1e-4, rtol=1e-4)  # ...and nothing else
+
+
+def test_a_decoder_loaded_with_sdpa_attention_is_refused_before_training(tmp_path, registry):
+    teacher = tiny_llama_folder(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""\
+output: {tmp_path / "run"}
+teacher: {{loader: hf, model: {teacher}, task: causal-lm, kwargs: {{attn_implementation: sdpa}}}}
+student: {{from_teacher: true}}
+data:
+  loader: text
+  kwargs: {{source: prose, task: language-modeling, max_length: 24, limit: 40}}
+  batch_size: 4
+losses: [{{name: kd}}]
+train: {{steps: 2}}
+export: [{{name: hf}}]
+""")
+    with pytest.raises((RecipeError, RecipeErrors)) as info:
+        build_plan(load_recipe(recipe), registry)
+    message = str(info.value)
+    assert "(export[0].name): exporter 'hf' writes a causal LM's cached decoder" in message
+    assert "attn_implementation 'sdpa'" in message
+    assert not (tmp_path / "run").exists()
