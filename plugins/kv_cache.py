@@ -141,9 +141,10 @@ def with_kv_cache(
             new_mask = g.call_function(
                 cached_attention_mask, (mask, ids, first_past, windows[i], _dtype(attention))
             )
-        scores, old_mask = attention.mask_add.args
-        attention.mask_add.args = (scores, new_mask)
-        del old_mask
+        scores = next(
+            a for a in attention.mask_add.args if isinstance(a, fx.Node) and _has_heads(a)
+        )
+        attention.mask_add.args = (scores, new_mask)  # the model's own mask: dead code now
         for where, passed in attention.wheres:
             where.replace_all_uses_with(passed)
     _feed_positions(g, positions, length)
