@@ -23,7 +23,7 @@ from torch import fx
 
 from compressor.api import Inputs, call_model, output_node, to_device
 from compressor.plugins.hf import HFModule
-from compressor.plugins.hf_moe import export_safe_moe, kv_heads
+from compressor.plugins.hf_moe import export_safe_moe
 from compressor.plugins.kv_cache import with_kv_cache
 from compressor.plugins.onnx_export import quiet
 from compressor.plugins.ort_decoder import OrtDecoder, write_cached_decoder
@@ -123,19 +123,19 @@ def _agreement(
     return diff, agreed
 
 
-def optimum_cache_heads(folder: Path) -> int | None:
-    """How many key/value heads optimum's ORTModelForCausalLM sizes this folder's cache by
+def optimum_model(folder: Path) -> Any:
+    """The folder loaded as users load it, optimum's ORTModelForCausalLM with its defaults
     (None: optimum is not installed)."""
-    model = _optimum_model(folder)
-    return None if model is None else int(model.num_key_value_heads)
-
-
-def optimum_generation(folder: Path, prompt: torch.Tensor, new_tokens: int) -> list[int] | None:
-    """The greedy tokens optimum's ORTModelForCausalLM generates from `folder` with its
-    defaults (None: optimum is not installed)."""
-    model = _optimum_model(folder)
-    if model is None:
+    try:
+        from optimum.onnxruntime import ORTModelForCausalLM
+    except ImportError:
         return None
+    with quiet_optimum(), export_safe_moe():
+        return ORTModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+
+
+def optimum_generation(model: Any, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """The greedy tokens optimum's `model` generates after `prompt`."""
     with quiet_optimum(), torch.no_grad():
         out = model.generate(
             input_ids=prompt,
@@ -148,15 +148,6 @@ def optimum_generation(folder: Path, prompt: torch.Tensor, new_tokens: int) -> l
     return out[0, prompt.shape[1] :].tolist()
 
 
-def _optimum_model(folder: Path) -> Any:
-    try:
-        from optimum.onnxruntime import ORTModelForCausalLM
-    except ImportError:
-        return None
-    with quiet_optimum(), export_safe_moe():
-        return ORTModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
-
-
 def quiet_optimum() -> contextlib.AbstractContextManager[None]:
     """optimum prints and warns a lot; what it gives is checked instead."""
     return quiet("optimum", "transformers", stderr=True)
@@ -166,7 +157,3 @@ def eos_ids(module: HFModule) -> list[int]:
     """The end-of-sequence ids greedy checks never choose, so they run a fixed length."""
     eos = getattr(module.hf_model.generation_config, "eos_token_id", None)
     return [eos] if isinstance(eos, int) else list(eos or [])
-
-
-def saved_kv_heads(module: HFModule) -> int:
-    return kv_heads(module.hf_model.config)

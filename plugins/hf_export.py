@@ -39,13 +39,12 @@ from compressor.plugins.hf_decoder import (
     check_decoder,
     eos_ids,
     first_prompt,
-    optimum_cache_heads,
     optimum_generation,
+    optimum_model,
     quiet_optimum,
-    saved_kv_heads,
     write_decoder,
 )
-from compressor.plugins.hf_moe import checkpoint_model
+from compressor.plugins.hf_moe import checkpoint_model, kv_heads
 from compressor.plugins.onnx_export import (
     ONNXExporter,
     export_onnx,
@@ -134,22 +133,26 @@ class HFExporter(ONNXExporter):
         head, so the folder works where users load it."""
         path = folder / "model.onnx"
         details |= write_decoder(module, graph, path, self.options.opset)
-        saved, sized = saved_kv_heads(module), optimum_cache_heads(folder)
-        if sized is not None and sized != saved:
+        optimum = optimum_model(folder)
+        saved = kv_heads(module.hf_model.config)
+        if optimum is not None and optimum.num_key_value_heads != saved:
             details["key_value_heads"] = (
-                f"{saved} repeated to {sized}: optimum's ORTModelForCausalLM sizes a "
-                f"{module.hf_model.config.model_type} cache by its attention heads"
+                f"{saved} repeated to {optimum.num_key_value_heads}: optimum's "
+                f"ORTModelForCausalLM sizes a {module.hf_model.config.model_type} cache by "
+                "its attention heads"
             )
             _write_hf_files(module, folder, repeat_kv_heads=True)
             details |= write_decoder(module, graph, path, self.options.opset, repeat_heads=True)
+            optimum = optimum_model(folder)  # the folder changed under it
         checks = check_decoder(path, graph, verify_inputs, eos_ids(module))
         details |= checks
-        tokens = optimum_generation(folder, first_prompt(verify_inputs), GREEDY_TOKENS)
-        if tokens is None:
+        if optimum is None:
             details["optimum"] = (
                 "not checked: optimum is not installed (pip install -e '.[optimum]')"
             )
-        elif tokens != checks["greedy_tokens"]:
+        elif (
+            tokens := optimum_generation(optimum, first_prompt(verify_inputs), GREEDY_TOKENS)
+        ) != checks["greedy_tokens"]:
             raise ExportError(
                 f"{folder}: optimum's ORTModelForCausalLM generates {tokens[:8]}... where "
                 f"onnxruntime with our cache loop generates {checks['greedy_tokens'][:8]}..."

@@ -4,6 +4,7 @@ onnxruntime with its cache, the way a Hugging Face runtime runs it."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ class OrtDecoder:
         ids: torch.Tensor,
         mask: torch.Tensor,
         new_tokens: int,
-        banned: list[int] = (),  # type: ignore[assignment]
+        banned: Sequence[int] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`new_tokens` greedy tokens after each prompt (left-padded), each step feeding the
         cache back: the tokens [B, new] and each step's logits [B, new, V]. `banned`: ids never

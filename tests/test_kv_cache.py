@@ -132,14 +132,14 @@ class HalvePlugin:
         return [HalveLastMLP]
 
 
-def test_a_graph_pass_that_changes_the_students_maths_is_in_the_exported_decoder(tmp_path):
+def _llama_recipe(tmp_path: Path, teacher_extra: str = "", extra: str = "") -> Path:
+    """A 2-step KD run of a tiny Llama into its copy, exported with `hf`."""
     teacher = tiny_llama_folder(tmp_path)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""\
 output: {tmp_path / "run"}
-teacher: {{loader: hf, model: {teacher}, task: causal-lm}}
+teacher: {{loader: hf, model: {teacher}, task: causal-lm{teacher_extra}}}
 student: {{from_teacher: true}}
-passes: [{{name: halve_last_mlp}}]
 data:
   loader: text
   kwargs: {{source: prose, task: language-modeling, max_length: 24, limit: 40}}
@@ -148,7 +148,12 @@ losses: [{{name: kd}}]
 train: {{steps: 2}}
 export: [{{name: hf}}]
 report: {{latency_batches: [2], latency_repeats: 1}}
-""")
+{extra}""")
+    return recipe
+
+
+def test_a_graph_pass_that_changes_the_students_maths_is_in_the_exported_decoder(tmp_path):
+    recipe = _llama_recipe(tmp_path, extra="passes: [{name: halve_last_mlp}]\n")
     summary = run(load_recipe(recipe), Registry.load(extra=(HalvePlugin(),)), progress=False)
     (export,) = summary.exports
     assert export.ok and export.details["greedy_tokens_equal"] == "32 of 32", export.details
@@ -169,20 +174,7 @@ report: {{latency_batches: [2], latency_repeats: 1}}
 
 
 def test_a_decoder_loaded_with_sdpa_attention_is_refused_before_training(tmp_path, registry):
-    teacher = tiny_llama_folder(tmp_path)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""\
-output: {tmp_path / "run"}
-teacher: {{loader: hf, model: {teacher}, task: causal-lm, kwargs: {{attn_implementation: sdpa}}}}
-student: {{from_teacher: true}}
-data:
-  loader: text
-  kwargs: {{source: prose, task: language-modeling, max_length: 24, limit: 40}}
-  batch_size: 4
-losses: [{{name: kd}}]
-train: {{steps: 2}}
-export: [{{name: hf}}]
-""")
+    recipe = _llama_recipe(tmp_path, ", kwargs: {attn_implementation: sdpa}")
     with pytest.raises((RecipeError, RecipeErrors)) as info:
         build_plan(load_recipe(recipe), registry)
     message = str(info.value)
