@@ -116,9 +116,41 @@ def load_tokenizer(folder: Path, gguf: str | None) -> Any:
             base = named.removesuffix("Fast")
             cls = getattr(transformers, base + "Fast", None) or getattr(transformers, base)
             tokenizer = cls.from_pretrained(str(folder), local_files_only=True)
+    if gguf:
+        special_tokens_from_gguf(tokenizer, folder / gguf)
     if tokenizer.pad_token is None:  # decoder tokenizers often have none; padding is masked
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# the GGUF keys that name a special token, and the tokenizer attribute each one sets
+_GGUF_SPECIAL_TOKENS = {
+    "bos_token_id": "bos_token",
+    "eos_token_id": "eos_token",
+    "unknown_token_id": "unk_token",
+    "padding_token_id": "pad_token",
+}
+
+
+def special_tokens_from_gguf(tokenizer: Any, path: Path) -> None:
+    """Set the special tokens and the BOS rule that the GGUF file states. transformers 4.57
+    reads SmolLM2's end of sequence as <|im_start|> (the file says <|im_end|>) and adds a BOS
+    the file says not to add; 5.x reads them right. The end-of-sequence token separates the
+    packed paragraphs of a language-modeling set, so without this the data, and every number
+    measured on it, would depend on the transformers version."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    for key, attribute in _GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is None:
+            continue
+        token_id = int(field.contents())
+        if getattr(tokenizer, attribute + "_id") != token_id:
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
+    add_bos = fields.get("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = bool(add_bos.contents())
 
 
 def _named_tokenizer_class(folder: Path) -> str | None:

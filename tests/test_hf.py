@@ -766,3 +766,37 @@ def test_a_model_read_from_gguf_is_untagged_so_its_students_train_and_save(tmp_p
     ids = torch.randint(0, 100, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits)
+
+
+def test_a_gguf_files_special_tokens_and_bos_rule_are_the_tokenizers(tmp_path):
+    """transformers 4.57 read SmolLM2's GGUF end-of-sequence token as its start token and
+    added a BOS the file rules out; the loader sets what the file states, so packed text is
+    the same on every transformers version."""
+    gguf = pytest.importorskip("gguf")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from compressor.plugins.hf_loaders import special_tokens_from_gguf
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3, "b": 4, "Ġ": 5, "Ġb": 6}
+    backend = Tokenizer(models.BPE(vocab, [("Ġ", "b")], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # as transformers 4.57 read the file: the start token at both ends, a BOS added
+    tokenizer = transformers.LlamaTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<s>", unk_token="<unk>",
+        add_bos_token=True, add_eos_token=False,
+    )  # fmt: skip
+    assert tokenizer("a b")["input_ids"][0] == 1 and tokenizer.eos_token_id == 1
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    special_tokens_from_gguf(tokenizer, path)
+    special = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+    assert special == ("<s>", "</s>", "</s>")
+    assert tokenizer("a b")["input_ids"] == [3, 6]
