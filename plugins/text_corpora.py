@@ -19,6 +19,7 @@ All are deterministic: same Python (or package) version, same texts in the same 
 from __future__ import annotations
 
 import ast
+import collections
 import functools
 import importlib
 import importlib.util
@@ -111,10 +112,24 @@ def _docstring_paragraphs(root: Path, skip: set[str]) -> Iterator[str]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue  # a file for another Python, or not UTF-8
-        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-        for node in ast.walk(tree):
-            doc = ast.get_docstring(node) if isinstance(node, kinds) else None
-            yield from _paragraphs(doc or "")
+        for doc in _source_docstrings(tree):
+            yield from _paragraphs(doc)
+
+
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_STATEMENT_LEVEL = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+def _source_docstrings(tree: ast.Module) -> Iterator[str]:
+    """The module's docstring, then every class's and function's, breadth first (the order
+    of `ast.walk`). Only statements are visited: a class or function is never inside an
+    expression, and skipping expressions makes this about ten times faster than the walk."""
+    queue: collections.deque[ast.AST] = collections.deque([tree])
+    while queue:
+        node = queue.popleft()
+        if isinstance(node, _DOCUMENTED) and (doc := ast.get_docstring(node)):
+            yield doc
+        queue.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, _STATEMENT_LEVEL))
 
 
 def prose_sentences(min_chars: int = 30, max_chars: int = 300) -> list[str]:
