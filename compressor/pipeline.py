@@ -214,13 +214,15 @@ def baseline_recipe(recipe: Recipe) -> Recipe:
 
 
 def export_artifacts(plan: DistillPlan, out_dir: Path) -> list[Artifact]:
-    """Every exporter of the plan on the student (what is shipped) and on the whole teacher
-    (to measure what the student saves); each artifact verified against PyTorch."""
+    """Every exporter of the plan on the student (what is shipped) and, unless the recipe
+    says not to, on the whole teacher (to measure what the student saves); each artifact
+    verified against PyTorch."""
     artifacts: list[Artifact] = []
     inputs = plan.verify_inputs()
     roles = [("student", plan.student_eval_graph, plan.student)]
-    if plan.teacher_eval_graph is not None and plan.teacher is not None:
-        roles.append(("teacher", plan.teacher_eval_graph, plan.teacher))
+    whole, teacher = plan.teacher_eval_graph, plan.teacher
+    if whole is not None and teacher is not None and plan.recipe.report.export_teacher:
+        roles.append(("teacher", whole, teacher))
     for bound in plan.exporters:
         # two entries of one exporter write to folders of their own
         folder = out_dir if bound.label == bound.exporter.name else out_dir / bound.label

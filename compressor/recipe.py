@@ -162,6 +162,11 @@ class TrainSpec(Strict):
 
 class ReportSpec(Strict):
     baseline: bool = False
+    export_teacher: bool = Field(
+        True,
+        description="also export, verify and time the whole teacher with every exporter (the "
+        "deployment table's 'vs teacher' column); false writes the student's artifacts only",
+    )
     latency_batches: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 32])
     latency_repeats: int = Field(50, gt=0)
     latency_tokens: int | None = Field(

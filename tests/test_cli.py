@@ -52,6 +52,21 @@ def test_run_end_to_end_writes_report_export_and_baseline(write_recipe, tmp_path
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_a_run_that_does_not_export_the_teacher_writes_and_times_the_student_only(
+    write_recipe, tmp_path, capsys
+):
+    path = write_recipe()
+    assert main([str(path), "report.export_teacher=false", "train.steps=5", "--quiet"]) == 0
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert [e["ok"] for e in report["exports"]] == [True]
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["student.onnx"]
+    assert "onnx" not in report["models"]["teacher"].get("files", {})
+    assert "onnx" not in report["models"]["teacher"]["latency_ms"]
+    assert "onnx" in report["models"]["student"]["latency_ms"]
+    assert "| student onnx |" in (run / "report.md").read_text()
+
+
 def test_export_above_tolerance_fails_with_the_number(write_recipe, tmp_path, capsys):
     path = write_recipe(FAST_RECIPE + "export:\n  - name: onnx\n    tolerance: 1.0e-30\n")
     assert main([str(path), "--quiet", "train.steps=5"]) == 1

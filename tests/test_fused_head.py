@@ -87,7 +87,7 @@ losses:
   - {kd}
 {extra_loss}train: {{steps: 2, log_every: 1, eval_every: 2, checkpoint_every: 2}}
 export: [{{name: hf}}]
-report: {{latency_batches: [1], latency_repeats: 1}}
+report: {{latency_batches: [1], latency_repeats: 1, export_teacher: false}}
 """)
     return path
 

@@ -147,7 +147,7 @@ data:
 losses: [{{name: kd}}]
 train: {{steps: 2}}
 export: [{{name: hf}}]
-report: {{latency_batches: [2], latency_repeats: 1}}
+report: {{latency_batches: [2], latency_repeats: 1, export_teacher: false}}
 {extra}""")
     return recipe
 

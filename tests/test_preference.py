@@ -156,7 +156,7 @@ stages:
       - {{name: moe_balance}}
 export:
   - {{name: hf}}
-report: {{latency_batches: [2], latency_repeats: 1}}
+report: {{latency_batches: [2], latency_repeats: 1, export_teacher: false}}
 """
     )
     summary = run(load_recipe(path), registry, progress=False)

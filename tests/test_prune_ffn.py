@@ -196,7 +196,7 @@ data:
 losses: [{{name: embedding_cosine}}]
 train: {{steps: 4, optimizer: {{name: adamw, lr: 1.0e-3}}, eval_every: 4, checkpoint_every: 4}}
 export: [{{name: hf}}]
-report: {{latency_batches: [2], latency_repeats: 1, latency_tokens: 16}}
+report: {{latency_batches: [2], latency_repeats: 1, export_teacher: false, latency_tokens: 16}}
 """)
     plan = build_plan(load_recipe(recipe), registry)
     assert any("prune_ffn kept 40 of 64" in note for note in plan.notes)
