@@ -23,6 +23,12 @@ ROOT = TESTS.parent
 TINY = TESTS / "tiny_models.py"
 DIGITS = ROOT / "examples" / "digits"
 
+# Under pytest-xdist (one worker a core) each worker computes on one thread, and so do the
+# runs it starts: two workers of two threads each on two cores only contend.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # A fast recipe: tiny MLPs on a slice of digits. Tests format it and override keys.
 FAST_RECIPE = f"""\
 name: fast
