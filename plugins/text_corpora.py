@@ -123,7 +123,8 @@ _STATEMENT_LEVEL = (ast.stmt, ast.excepthandler, ast.match_case)
 def _source_docstrings(tree: ast.Module) -> Iterator[str]:
     """The module's docstring, then every class's and function's, breadth first (the order
     of `ast.walk`). Only statements are visited: a class or function is never inside an
-    expression, and skipping expressions makes this about ten times faster than the walk."""
+    expression, and expressions are most of the nodes (transformers' paragraphs: 14.5 s
+    instead of 34.4 with `ast.walk`)."""
     queue: collections.deque[ast.AST] = collections.deque([tree])
     while queue:
         node = queue.popleft()

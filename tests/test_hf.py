@@ -359,7 +359,7 @@ losses:
 train: {{steps: 4, log_every: 2, eval_every: 4, checkpoint_every: 4}}
 export:
   - {{name: onnx}}
-report: {{latency_batches: [2], latency_repeats: 1}}
+report: {{latency_batches: [2], latency_repeats: 1, export_teacher: false}}
 """
     summary = run(load_recipe(_write(tmp_path, text)), registry, progress=False)
     student = summary.report["models"]["student"]
